@@ -1,0 +1,82 @@
+"""Pre-training losses as plain functions. Labels of -100 are ignored throughout."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from soho.distributed import all_gather_with_grad, rank
+
+IGNORE_INDEX = -100
+
+
+def masked_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy over positions whose label is not ``IGNORE_INDEX`` (MLM, MVM).
+
+    Returns 0 (with a graph) when no position is labelled, so a batch without masked
+    tokens neither crashes nor yields NaN.
+    """
+    logits = logits.reshape(-1, logits.shape[-1])
+    labels = labels.reshape(-1)
+    if not (labels != IGNORE_INDEX).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+
+
+def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Masked language modelling: logits (N, L, V), labels (N, L)."""
+    return masked_token_loss(logits, labels)
+
+
+def mvm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Masked visual modelling: logits (M, K) over dictionary entries, labels (M,) entry indices."""
+    return masked_token_loss(logits, labels)
+
+
+def itm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Image-text matching: logits (N, 2), labels (N,) with 1 = matched."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def itc_loss(image_embeds: Tensor, text_embeds: Tensor, temperature: Tensor,
+             image_ids: Optional[Tensor] = None, text_image_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Symmetric InfoNCE between L2-normalised image (B, E) and text (N, E) embeddings.
+
+    Negatives come from the whole global batch (gathered across ranks). With several
+    captions per image, ``image_ids`` (B,) and ``text_image_ids`` (N,) say which
+    texts match which images; every match is a positive and the target mass is spread
+    evenly over them. Without ids, row i of each side matches row i of the other.
+    Returns the loss and the local text-to-image similarity (N, B_global) / temperature.
+    """
+    all_images = all_gather_with_grad(image_embeds)
+    all_texts = all_gather_with_grad(text_embeds)
+    if image_ids is None or text_image_ids is None:
+        if image_embeds.shape[0] != text_embeds.shape[0]:
+            raise ValueError("itc_loss needs image_ids and text_image_ids when images and texts differ in number")
+        image_ids = torch.arange(image_embeds.shape[0], device=image_embeds.device)
+        image_ids = image_ids + rank() * image_embeds.shape[0]
+        text_image_ids = image_ids
+    all_image_ids = all_gather_with_grad(image_ids)
+    all_text_ids = all_gather_with_grad(text_image_ids)
+
+    logits_t2i = text_embeds.float() @ all_images.float().t() / temperature
+    logits_i2t = image_embeds.float() @ all_texts.float().t() / temperature
+    targets_t2i = (text_image_ids[:, None] == all_image_ids[None, :]).float()
+    targets_i2t = (image_ids[:, None] == all_text_ids[None, :]).float()
+    targets_t2i = targets_t2i / targets_t2i.sum(1, keepdim=True)
+    targets_i2t = targets_i2t / targets_i2t.sum(1, keepdim=True)
+    loss_t2i = -(targets_t2i * logits_t2i.log_softmax(dim=1)).sum(1).mean()
+    loss_i2t = -(targets_i2t * logits_i2t.log_softmax(dim=1)).sum(1).mean()
+    return (loss_t2i + loss_i2t) / 2, logits_t2i
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Fraction of labelled positions (label != -100) whose arg-max is right; NaN when none."""
+    labels = labels.reshape(-1)
+    predictions = logits.reshape(-1, logits.shape[-1]).argmax(-1)
+    labelled = labels != IGNORE_INDEX
+    if not labelled.any():
+        return torch.tensor(float("nan"), device=logits.device)
+    return (predictions[labelled] == labels[labelled]).float().mean()

@@ -1,0 +1,306 @@
+"""The pre-training loop, on Accelerate: one CPU, one GPU, many GPUs or many nodes."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+
+from soho.config import ConfigError, to_dict
+from soho.data.pretraining import PretrainingDataset, pretraining_loader
+from soho.models.soho import SohoForPretraining
+from soho.tokenizer import load_tokenizer
+from soho.train.config import OptimConfig, OptimizerConfig, PretrainConfig
+
+logger = logging.getLogger(__name__)
+
+TENSOR_KEYS = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids", "mlm_input_ids",
+               "mlm_labels", "image_index", "image_ids")
+CHECKPOINT_PREFIX = "step_"
+
+
+def build_optimizer(params: List[Tuple[str, nn.Parameter]], config: OptimizerConfig) -> torch.optim.Optimizer:
+    """BERT convention: no weight decay on biases and normalisation weights."""
+    decay = [p for n, p in params if p.ndim > 1]
+    no_decay = [p for n, p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if config.name == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+
+
+def lr_factor(step: int, config: OptimConfig, max_steps: int) -> float:
+    """Multiplier of the peak learning rate after ``step`` optimizer steps."""
+    if step < config.warmup_steps:
+        start = config.warmup_start_factor
+        return start + (1.0 - start) * step / config.warmup_steps
+    if config.schedule == "step":
+        return config.decay_factor ** sum(step >= m for m in config.milestones)
+    if config.schedule == "cosine":
+        progress = min(1.0, (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps))
+        return config.min_lr_factor + (1 - config.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def split_parameters(model: SohoForPretraining):
+    backbone, rest = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (backbone if name.startswith("soho.backbone.cnn") else rest).append((name, param))
+    return backbone, rest
+
+
+def checkpoints(output_dir: Path) -> List[Path]:
+    """Complete checkpoints, oldest first (a crash mid-save leaves only a ``.tmp`` directory)."""
+    root = output_dir / "checkpoints"
+    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp")]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_resume(resume: Optional[str], output_dir: Path) -> Optional[Path]:
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no trainer_state.json)")
+    return path
+
+
+class MetricWriter:
+    """Appends one JSON object per record to ``metrics.jsonl`` (main process only)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, record: Dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as stream:
+                stream.write(json.dumps(record) + "\n")
+
+
+def _to_device(batch: Dict, device: torch.device) -> Dict[str, torch.Tensor]:
+    return {k: batch[k].to(device, non_blocking=True) for k in TENSOR_KEYS if k in batch}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, config: PretrainConfig, tokenizer, accelerator: Accelerator) -> Dict[str, float]:
+    """Mean losses and accuracies on held-out shards, with fixed ITM swaps and MVM masks.
+
+    Each rank evaluates its own disjoint slice; means are weighted by batch and averaged
+    over ranks. Chance levels are reported beside them: ITM 0.5 (half the pairs are
+    swapped), MLM the share of the most frequent masked token, MVM one over the
+    dictionary entries in use.
+    """
+    eval_data = dataclasses.replace(config.data, shards=config.train.eval_shards, shuffle_buffer=0)
+    dataset = PretrainingDataset(eval_data, tokenizer, config.train.batch_size, seed=config.train.seed,
+                                 rank=accelerator.process_index, world_size=accelerator.num_processes, repeat=False)
+    was_training = model.training
+    model.eval()
+    sums: Dict[str, float] = defaultdict(float)
+    label_counts: Dict[int, int] = defaultdict(int)
+    batches = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed + accelerator.process_index)
+        for batch in dataset:
+            if batches >= config.train.eval_batches:
+                break
+            with accelerator.autocast():
+                out = model(**_to_device(batch, accelerator.device))
+            for name, value in {**out.losses, **out.metrics}.items():
+                sums[name] += float(value)
+            for token in batch["mlm_labels"][batch["mlm_labels"] >= 0].tolist():
+                label_counts[token] += 1
+            batches += 1
+    model.train(was_training)
+    totals = torch.tensor([sums[k] for k in sorted(sums)] + [batches], device=accelerator.device, dtype=torch.float64)
+    totals = accelerator.reduce(totals, reduction="sum")
+    results = {k: (totals[i] / totals[-1]).item() for i, k in enumerate(sorted(sums))}
+    results["batches"] = int(totals[-1].item())
+    labels = sum(label_counts.values())
+    unwrapped = accelerator.unwrap_model(model)
+    results["chance_itm_acc"] = 0.5
+    results["chance_mlm_acc"] = max(label_counts.values()) / labels if labels else float("nan")
+    if unwrapped.soho.visual_dictionary is not None:
+        live = results.get("vd_live_fraction", 1.0) * unwrapped.config.visual_dictionary.size
+        results["chance_mvm_acc"] = 1.0 / max(1.0, live)
+    return results
+
+
+def save_checkpoint(accelerator: Accelerator, model: nn.Module, output_dir: Path, step: int,
+                    data_positions: Dict[int, int], tokenizer, keep_last: int, config: PretrainConfig) -> Path:
+    """Write the full training state and a ``save_pretrained`` export, atomically (tmp dir, then rename)."""
+    final = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    (tmp / f"data_state_rank{accelerator.process_index}.json").write_text(json.dumps({"positions": data_positions}))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(tmp / "pretrained")
+        tokenizer.save_pretrained(tmp / "pretrained")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": to_dict(config)}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def pretrain(config: PretrainConfig) -> Dict[str, float]:
+    """Run pre-training; returns the final held-out evaluation."""
+    train = config.train
+    output_dir = Path(train.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=train.mixed_precision,
+        gradient_accumulation_steps=config.optim.accumulation_steps,
+        log_with=list(train.trackers) or None,
+        project_dir=str(output_dir),
+        step_scheduler_with_optimizer=False,
+    )
+    set_seed(train.seed, device_specific=True)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    if config.synthetic_root is not None and accelerator.is_main_process:
+        from soho.data.synthetic import SyntheticWorldConfig, ensure_world
+
+        ensure_world(config.synthetic_root, SyntheticWorldConfig())
+    accelerator.wait_for_everyone()
+
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    if len(tokenizer) > config.model.encoder.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.encoder.vocab_size is "
+                          f"{config.model.encoder.vocab_size}")
+    model = SohoForPretraining(config.model)
+    backbone_params, other_params = split_parameters(model)
+    optimizers = [build_optimizer(other_params, config.optim.rest)]
+    if backbone_params:
+        optimizers.append(build_optimizer(backbone_params, config.optim.backbone))
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, config.optim, train.max_steps))
+                  for o in optimizers]
+    if train.compile:
+        model = torch.compile(model)
+    model, *prepared = accelerator.prepare(model, *optimizers, *schedulers)
+    optimizers, schedulers = prepared[:len(optimizers)], prepared[len(optimizers):]
+
+    step = 0
+    positions: Dict[int, int] = {}
+    resume_from = resolve_resume(train.resume, output_dir)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
+        data_state = resume_from / f"data_state_rank{accelerator.process_index}.json"
+        positions = {int(k): v for k, v in json.loads(data_state.read_text())["positions"].items()}
+        logger.info("resumed from %s at step %d", resume_from, step)
+    if train.trackers:
+        accelerator.init_trackers("soho-pretrain", config={k: str(v) for k, v in to_dict(config).items()})
+
+    dataset = PretrainingDataset(config.data, tokenizer, train.batch_size, seed=train.seed,
+                                 rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                 start_positions=positions)
+    loader = pretraining_loader(dataset, config.data.num_workers, pin_memory=accelerator.device.type == "cuda")
+    writer = MetricWriter(output_dir / "metrics.jsonl", accelerator.is_main_process)
+    progress = tqdm(total=train.max_steps, initial=step, disable=not accelerator.is_local_main_process,
+                    desc="pretrain")
+
+    window: Dict[str, List[float]] = defaultdict(list)
+    skipped_total, samples_total = 0, 0
+    window_start, pairs_in_window, images_in_window = time.perf_counter(), 0, 0
+    started = time.perf_counter()
+    model.train()
+    batches = iter(loader)
+    while step < train.max_steps:
+        batch = next(batches)
+        positions[batch["worker"]] = batch["position"]
+        skipped = sum(batch["skipped"].values())
+        skipped_total += skipped
+        samples_total += batch["samples"] + skipped
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                out = model(**_to_device(batch, accelerator.device))
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients and config.optim.grad_clip > 0:
+                window["grad_norm"].append(float(accelerator.clip_grad_norm_(model.parameters(),
+                                                                             config.optim.grad_clip)))
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        for name, value in {"loss": out.loss, **out.losses, **out.metrics}.items():
+            window[name].append(float(value))
+        pairs_in_window += batch["input_ids"].shape[0]
+        images_in_window += batch["pixel_values"].shape[0]
+        if not accelerator.sync_gradients:
+            continue
+        for scheduler in schedulers:
+            scheduler.step()
+        step += 1
+        progress.update(1)
+
+        if step % train.log_every == 0 or step == train.max_steps:
+            elapsed = time.perf_counter() - window_start
+            counts = accelerator.reduce(torch.tensor([skipped_total, samples_total], device=accelerator.device),
+                                        reduction="sum")
+            skip_fraction = counts[0].item() / max(1, counts[1].item())
+            record = {"step": step, **{k: sum(v) / len(v) for k, v in window.items() if v and not math.isnan(sum(v))},
+                      "lr": schedulers[0].get_last_lr()[0],
+                      "pairs_per_second": pairs_in_window * accelerator.num_processes / elapsed,
+                      "images_per_second": images_in_window * accelerator.num_processes / elapsed,
+                      "skipped_samples": int(counts[0].item()), "skip_fraction": skip_fraction,
+                      "elapsed_seconds": time.perf_counter() - started}
+            if len(optimizers) > 1:
+                record["lr_backbone"] = schedulers[1].get_last_lr()[0]
+            writer.write(record)
+            if train.trackers:
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            progress.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", "itm_acc", "mlm_acc", "mvm_acc")
+                                  if k in record})
+            if counts[1].item() >= 100 and skip_fraction > config.data.max_skip_fraction:
+                raise RuntimeError(
+                    f"{int(counts[0].item())} of {int(counts[1].item())} samples were skipped "
+                    f"({skip_fraction:.1%} > data.max_skip_fraction={config.data.max_skip_fraction}); "
+                    "the data is broken, see the warnings above for which samples and why")
+            window.clear()
+            window_start, pairs_in_window, images_in_window = time.perf_counter(), 0, 0
+
+        out_of_time = train.max_minutes is not None and time.perf_counter() - started > train.max_minutes * 60
+        # Every rank must agree to stop, or the others would wait forever in a collective.
+        out_of_time = bool(accelerator.reduce(torch.tensor([float(out_of_time)], device=accelerator.device),
+                                              reduction="sum").item() > 0)
+        if train.eval_every and step % train.eval_every == 0 and train.eval_shards:
+            writer.write({"step": step, "eval": evaluate(model, config, tokenizer, accelerator)})
+        if step % train.save_every == 0 or step == train.max_steps or out_of_time:
+            save_checkpoint(accelerator, model, output_dir, step, positions, tokenizer, train.keep_last, config)
+        if out_of_time:
+            logger.info("stopping at step %d: train.max_minutes=%s reached", step, train.max_minutes)
+            break
+    progress.close()
+
+    final = {"step": step, "final": True, "wall_seconds": time.perf_counter() - started}
+    if train.eval_shards:
+        final["eval"] = evaluate(model, config, tokenizer, accelerator)
+    writer.write(final)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(output_dir / "pretrained")
+        tokenizer.save_pretrained(output_dir / "pretrained")
+    accelerator.end_training()
+    return final

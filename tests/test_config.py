@@ -1,0 +1,85 @@
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional
+
+import pytest
+
+from soho.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
+from soho.models.config import EncoderConfig, SohoConfig
+
+
+@dataclass
+class Inner:
+    size: int = 3
+    rate: float = 0.5
+    mode: Literal["a", "b"] = "a"
+
+
+@dataclass
+class Outer:
+    name: str = "x"
+    inner: Inner = field(default_factory=Inner)
+    path: Optional[str] = None
+    sizes: List[int] = field(default_factory=lambda: [1, 2])
+    flag: bool = False
+
+
+def test_round_trip_and_int_to_float():
+    config = from_dict(Outer, {"inner": {"rate": 1, "mode": "b"}, "sizes": [4], "path": "p"})
+    assert config.inner.rate == 1.0 and isinstance(config.inner.rate, float)
+    assert config.inner.mode == "b" and config.sizes == [4] and config.path == "p"
+    assert from_dict(Outer, to_dict(config)) == config
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"inner": {"sise": 3}}, "inner.sise"),
+    ({"nmae": "y"}, "nmae"),
+    ({"inner": {"size": "3"}}, "inner.size: expected int"),
+    ({"inner": {"size": 3.5}}, "inner.size: expected int"),
+    ({"flag": 1}, "flag: expected bool"),
+    ({"inner": {"mode": "c"}}, "inner.mode: expected one of 'a', 'b'"),
+    ({"sizes": [1, "x"]}, r"sizes\[1\]"),
+    ({"inner": 5}, "inner: expected a mapping"),
+])
+def test_errors_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(Outer, data)
+
+
+def test_overrides_parse_yaml_values():
+    data = apply_overrides({"inner": {"size": 1}}, ["inner.size=7", "inner.rate=1e-4", "flag=true",
+                                                    "name=resnet10t", "path=null"])
+    config = from_dict(Outer, data)
+    assert config.inner.size == 7 and config.inner.rate == pytest.approx(1e-4)
+    assert config.flag is True and config.name == "resnet10t" and config.path is None
+
+
+def test_override_without_equals_is_refused():
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["inner.size"])
+
+
+def test_hidden_size_must_divide_by_heads():
+    with pytest.raises(ConfigError, match="divisible"):
+        EncoderConfig(hidden_size=100, num_attention_heads=12)
+    with pytest.raises(ConfigError, match="divisible"):
+        from_dict(SohoConfig, {"encoder": {"hidden_size": 64, "num_attention_heads": 5}})
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="itc.enabled"):
+        from_dict(SohoConfig, {"itm": {"hard_negatives": True}})
+    with pytest.raises(ConfigError, match="visual dictionary"):
+        from_dict(SohoConfig, {"use_visual_dictionary": False})
+
+
+def test_yaml_file(tmp_path):
+    path = tmp_path / "model.yaml"
+    path.write_text("encoder:\n  hidden_size: 64\n  num_attention_heads: 4\nvisual_dictionary:\n  size: 16\n")
+    config = load_config(SohoConfig, path, ["encoder.num_hidden_layers=2"])
+    assert config.encoder.hidden_size == 64 and config.encoder.num_hidden_layers == 2
+    assert config.visual_dictionary.size == 16
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(SohoConfig, tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("encoder: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(SohoConfig, tmp_path / "bad.yaml")

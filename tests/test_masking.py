@@ -1,0 +1,71 @@
+import torch
+
+from soho.models.losses import IGNORE_INDEX
+from soho.models.masking import mask_tokens, sample_mvm_mask
+
+CLS, SEP, PAD, MASK = 2, 3, 0, 4
+
+
+def make_batch():
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 100, (64, 20), generator=generator)
+    ids[:, 0] = CLS
+    lengths = torch.randint(5, 21, (64,), generator=generator)
+    for row, length in enumerate(lengths):
+        ids[row, length - 1] = SEP
+        ids[row, length:] = PAD
+    maskable = (ids != CLS) & (ids != SEP) & (ids != PAD)
+    return ids, maskable
+
+
+def test_mlm_never_masks_special_or_padding_tokens():
+    ids, maskable = make_batch()
+    corrupted, labels = mask_tokens(ids, maskable, MASK, 100, probability=0.5,
+                                    generator=torch.Generator().manual_seed(1), random_token_ids=range(10, 100))
+    picked = labels != IGNORE_INDEX
+    assert not picked[~maskable].any()
+    torch.testing.assert_close(corrupted[~maskable], ids[~maskable])
+    torch.testing.assert_close(labels[picked], ids[picked])
+    # Unpicked tokens are untouched; random replacements never introduce special tokens.
+    torch.testing.assert_close(corrupted[~picked], ids[~picked])
+    assert ((corrupted >= 10) | (corrupted == MASK) | ~maskable).all()
+
+
+def test_mlm_80_10_10_split():
+    ids, maskable = make_batch()
+    ids = ids.repeat(40, 1)
+    maskable = maskable.repeat(40, 1)
+    corrupted, labels = mask_tokens(ids, maskable, MASK, 100, probability=0.15,
+                                    generator=torch.Generator().manual_seed(2))
+    picked = labels != IGNORE_INDEX
+    rate = picked.sum() / maskable.sum()
+    assert abs(rate - 0.15) < 0.01
+    as_mask = (corrupted[picked] == MASK).float().mean()
+    kept = (corrupted[picked] == ids[picked]).float().mean()
+    assert abs(as_mask - 0.8) < 0.02
+    # Kept = the 10 % left alone plus random draws that hit the same token (1 %).
+    assert abs(kept - 0.1) < 0.02
+
+
+def test_mvm_masks_every_cell_sharing_the_sampled_entry():
+    indices = torch.tensor([[[1, 2, 1], [3, 1, 2]],
+                            [[5, 5, 6], [6, 5, 7]]])
+    valid = torch.ones(2, 2, 3, dtype=torch.bool)
+    valid[1, 1, 2] = False
+    valid[1, 1, 1] = False  # a padded cell with entry 5 must stay unmasked
+    for seed in range(20):
+        masked = sample_mvm_mask(indices, valid, probability=1.0, generator=torch.Generator().manual_seed(seed))
+        for image in range(2):
+            chosen = indices[image][masked[image]].unique()
+            assert chosen.numel() == 1, "exactly one entry is masked per picked image"
+            expected = (indices[image] == chosen) & valid[image]
+            torch.testing.assert_close(masked[image], expected)
+
+
+def test_mvm_probability_zero_and_empty_images():
+    indices = torch.zeros(3, 2, 2, dtype=torch.long)
+    valid = torch.ones(3, 2, 2, dtype=torch.bool)
+    assert not sample_mvm_mask(indices, valid, 0.0).any()
+    valid[1] = False
+    masked = sample_mvm_mask(indices, valid, 1.0)
+    assert not masked[1].any() and masked[0].all() and masked[2].all()

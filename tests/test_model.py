@@ -1,0 +1,165 @@
+import json
+
+import pytest
+import torch
+from transformers import BertConfig, BertForPreTraining
+
+from conftest import VOCAB, tiny_batch, tiny_config
+from soho.models import SohoForPretraining, SohoModel
+
+
+def test_pretraining_forward_backward_reaches_backbone_not_dictionary(config):
+    torch.manual_seed(0)
+    model = SohoForPretraining(config).train()
+    before = model.soho.visual_dictionary.embedding.clone()
+    out = model(**tiny_batch())
+    assert set(out.losses) == {"mlm", "itm", "mvm"}
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    for key in ("itm_acc", "mlm_acc", "mvm_acc", "vd_perplexity", "vd_used_fraction", "vd_live_fraction"):
+        assert key in out.metrics
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    backbone_grads = [g for n, g in grads.items() if n.startswith("soho.backbone") and g is not None]
+    assert backbone_grads and any(g.abs().sum() > 0 for g in backbone_grads), "straight-through must reach the CNN"
+    assert not any(p.requires_grad for p in model.soho.visual_dictionary.parameters())
+    assert model.soho.visual_dictionary.embedding.grad is None
+    # The EMA update moved the dictionary; gradients never do.
+    assert not torch.equal(before, model.soho.visual_dictionary.embedding)
+
+
+def test_several_captions_share_one_backbone_pass(config):
+    model = SohoForPretraining(config).eval()
+    batch = tiny_batch(num_images=3, captions_per_image=3)
+    calls = []
+    model.soho.backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    model(**batch)
+    assert calls == [3]
+
+
+def test_portrait_padding_mask_is_height_by_width(config):
+    model = SohoModel(config).eval()
+    pixel_values = torch.randn(1, 3, 64, 96)
+    pixel_mask = torch.zeros(1, 64, 96, dtype=torch.long)
+    pixel_mask[:, :, :40] = 1
+    grid = model.embed_image(pixel_values, pixel_mask)
+    assert grid.mask.shape == (1, 4, 6)
+    # 40 valid columns at stride 16 -> 3 columns of cells; every row is valid.
+    assert grid.mask[0].sum(1).tolist() == [3, 3, 3, 3]
+    assert grid.mask[0, :, :3].all() and not grid.mask[0, :, 3:].any()
+
+
+def test_padding_does_not_change_the_outputs_of_real_tokens(config):
+    torch.manual_seed(0)
+    model = SohoForPretraining(config).eval()
+    image = torch.randn(1, 3, 64, 64)
+    padded = torch.zeros(1, 3, 64, 128)
+    padded[..., :64] = image
+    mask = torch.zeros(1, 64, 128, dtype=torch.long)
+    mask[..., :64] = 1
+    ids = torch.tensor([[2, 10, 11, 12, 3]])
+    a = model.score(image, ids)
+    # BatchNorm in eval mode and a fully convolutional CNN: padding only adds masked tokens.
+    b = model.score(padded, ids, pixel_mask=mask)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_itc_and_hard_negatives(tmp_path):
+    config = tiny_config(**{"itc.enabled": True, "itm.hard_negatives": True})
+    model = SohoForPretraining(config).train()
+    out = model(**tiny_batch())
+    assert {"itc", "itm", "mlm", "mvm"} == set(out.losses)
+    out.loss.backward()
+    assert model.itc_head.log_temperature.grad is not None
+    model.eval()
+    batch = tiny_batch()
+    images = model.encode_images(batch["pixel_values"], batch["pixel_mask"])
+    texts = model.encode_texts(batch["input_ids"], batch["attention_mask"])
+    assert images.shape == (4, 256) and texts.shape == (8, 256)
+    torch.testing.assert_close(images.norm(dim=-1), torch.ones(4))
+
+
+def test_encode_without_itc_is_a_clear_error(config):
+    model = SohoForPretraining(config).eval()
+    with pytest.raises(RuntimeError, match="itc.enabled"):
+        model.encode_texts(torch.tensor([[2, 3]]))
+
+
+def test_score_is_a_probability_per_pair(config):
+    model = SohoForPretraining(config).eval()
+    batch = tiny_batch()
+    probs = model.score(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                        pixel_mask=batch["pixel_mask"], image_index=batch["image_index"])
+    assert probs.shape == (8,) and ((probs >= 0) & (probs <= 1)).all()
+
+
+def test_save_and_load_give_identical_outputs(tmp_path, config):
+    torch.manual_seed(0)
+    model = SohoForPretraining(config).train()
+    model(**tiny_batch())  # moves the dictionary and BatchNorm statistics away from their init
+    model.eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert saved["architecture"] == "SohoForPretraining"
+    loaded = SohoForPretraining.from_pretrained(tmp_path / "ckpt").eval()
+    torch.testing.assert_close(loaded.soho.visual_dictionary.embedding, model.soho.visual_dictionary.embedding)
+    batch = tiny_batch()
+    args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    kwargs = dict(pixel_mask=batch["pixel_mask"], image_index=batch["image_index"])
+    torch.testing.assert_close(loaded.score(*args, **kwargs), model.score(*args, **kwargs), rtol=0, atol=0)
+    # The bare model loads from the pre-training checkpoint, and gives the same encoder outputs.
+    bare = SohoModel.from_pretrained(tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        a = bare(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], image_index=batch["image_index"])
+        b = model.soho(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                       image_index=batch["image_index"])
+    torch.testing.assert_close(a.pooled, b.pooled, rtol=0, atol=0)
+
+
+def test_pickled_checkpoints_are_refused(tmp_path, config):
+    model = SohoForPretraining(config)
+    directory = tmp_path / "pickled"
+    directory.mkdir()
+    torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="refuses to unpickle"):
+        SohoForPretraining.from_pretrained(directory)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        SohoForPretraining.from_pretrained(tmp_path / "nowhere")
+
+
+def test_initialisation_from_a_local_bert_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    bert_config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=64, max_position_embeddings=32)
+    bert = BertForPreTraining(bert_config).eval()
+    with torch.no_grad():
+        for name, p in bert.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.3)
+    bert.save_pretrained(tmp_path / "bert")
+    model = SohoForPretraining(tiny_config(**{"encoder.pretrained_path": str(tmp_path / "bert")})).eval()
+    ids = torch.randint(5, VOCAB, (2, 7))
+    with torch.no_grad():
+        expected = bert(input_ids=ids, output_hidden_states=True)
+        out = model.soho(input_ids=ids)
+        logits = model.mlm_head(out.text_states, model.soho.text_embeddings.word_embeddings.weight)
+    torch.testing.assert_close(out.text_states, expected.hidden_states[-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, expected.prediction_logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        SohoForPretraining(tiny_config(**{"encoder.pretrained_path": str(tmp_path / "bert"),
+                                          "encoder.num_hidden_layers": 3}))
+
+
+def test_loss_decreases_when_overfitting_one_batch(config):
+    torch.manual_seed(0)
+    model = SohoForPretraining(config).train()
+    batch = tiny_batch()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(30):
+        torch.manual_seed(1)  # same ITM swaps and MVM masks every step
+        out = model(**batch)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
