@@ -1,0 +1,10 @@
+from soho.models.config import (AttentionConfig, BackboneConfig, EncoderConfig, ITCConfig, ITMConfig, LossWeights,
+                                MVMConfig, SohoConfig, VisualDictionaryConfig)
+from soho.models.pretrained import SohoPreTrainedModel, read_config
+from soho.models.soho import PretrainingOutput, SohoForPretraining, SohoModel, SohoOutput, VisualGrid
+
+__all__ = [
+    "AttentionConfig", "BackboneConfig", "EncoderConfig", "ITCConfig", "ITMConfig", "LossWeights", "MVMConfig",
+    "SohoConfig", "VisualDictionaryConfig", "SohoPreTrainedModel", "read_config", "PretrainingOutput",
+    "SohoForPretraining", "SohoModel", "SohoOutput", "VisualGrid",
+]
