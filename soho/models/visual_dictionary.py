@@ -107,7 +107,7 @@ class VisualDictionary(nn.Module):
     def _seed_entries(self, features: Tensor, valid: Tensor, entries: Tensor) -> None:
         """Set ``entries`` to randomly drawn valid features, identically on every rank.
 
-        Each rank contributes a fixed-size sample (with replacement) of its features;
+        Each rank contributes a fixed-size sample of its features;
         the pooled candidates are then chosen with a generator seeded by the update
         count, which all ranks share.
         """
@@ -116,7 +116,9 @@ class VisualDictionary(nn.Module):
             if pool.shape[0] == 0:  # still take part in the collective below
                 pool = features.detach().float()
             take = entries.numel()
-            local = torch.randint(pool.shape[0], (take,), device=pool.device)
+            # Distinct features where there are enough, so seeded entries do not coincide.
+            local = torch.randperm(pool.shape[0], device=pool.device)[:take] if pool.shape[0] >= take \
+                else torch.randint(pool.shape[0], (take,), device=pool.device)
             candidates = pool[local]
             if is_distributed():
                 gathered = [torch.empty_like(candidates) for _ in range(dist.get_world_size())]
