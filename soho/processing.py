@@ -58,7 +58,7 @@ def to_tensor(image: ImageInput) -> Tensor:
             raise ValueError(f"an image array must be H x W x 3, got shape {image.shape}")
         if image.dtype != np.uint8:
             raise ValueError(f"an image array must be uint8, got {image.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div_(255.0)
     if isinstance(image, Tensor):
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"an image tensor must be 3 x H x W, got shape {tuple(image.shape)}")

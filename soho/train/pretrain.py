@@ -171,6 +171,8 @@ def pretrain(config: PretrainConfig) -> Dict[str, float]:
     train = config.train
     output_dir = Path(train.output_dir)
     accelerator = Accelerator(
+        # Without this, processes started by torchrun on a GPU-less machine would not form a group.
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         mixed_precision=train.mixed_precision,
         gradient_accumulation_steps=config.optim.accumulation_steps,
         log_with=list(train.trackers) or None,
@@ -246,7 +248,7 @@ def pretrain(config: PretrainConfig) -> Dict[str, float]:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         for name, value in {"loss": out.loss, **out.losses, **out.metrics}.items():
-            window[name].append(float(value))
+            window[name].append(float(value.detach()))
         pairs_in_window += batch["input_ids"].shape[0]
         images_in_window += batch["pixel_values"].shape[0]
         if not accelerator.sync_gradients:
