@@ -27,7 +27,8 @@ def test_frozen_stages_keep_weights_and_statistics():
     assert all(p.requires_grad for p in backbone.cnn.layer2.parameters())
     frozen_mean = backbone.cnn.bn1.running_mean.clone()
     trained_mean = backbone.cnn.layer2[0].bn1.running_mean.clone()
-    backbone(torch.randn(2, 3, 64, 64) * 3 + 1).pow(2).sum().backward()  # a plain sum is constant after BatchNorm
+    out = backbone(torch.randn(2, 3, 64, 64) * 3 + 1)
+    (out * torch.randn_like(out)).sum().backward()  # sums and squared sums are constant after BatchNorm
     assert torch.equal(frozen_mean, backbone.cnn.bn1.running_mean)
     assert not torch.equal(trained_mean, backbone.cnn.layer2[0].bn1.running_mean)
     assert backbone.cnn.layer2[0].conv1.weight.grad.abs().sum() > 0
@@ -66,17 +67,18 @@ def test_channels_last_and_checkpointing_change_nothing():
     variants = [Backbone(BackboneConfig(name="resnet10t", out_index=3, frozen_stages=1, **flags), 16).train()
                 for flags in ({"channels_last": True}, {"gradient_checkpointing": True})]
     x = torch.randn(2, 3, 64, 64)
-    plain(x).pow(2).sum().backward()
+    weights = torch.randn(2, 16, 4, 4)
+    (plain(x) * weights).sum().backward()
     for variant in variants:
         variant.load_state_dict(plain.state_dict())  # statistics moved by the first pass; reload them
     plain_again = Backbone(BackboneConfig(name="resnet10t", out_index=3, frozen_stages=1), 16).train()
     plain_again.load_state_dict(plain.state_dict())
     reference = plain_again(x)
-    reference.pow(2).sum().backward()
+    (reference * weights).sum().backward()
     for variant in variants:
         out = variant(x)
         torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
-        out.pow(2).sum().backward()
+        (out * weights).sum().backward()
         torch.testing.assert_close(variant.cnn.layer3[0].conv1.weight.grad,
                                    plain_again.cnn.layer3[0].conv1.weight.grad, atol=1e-3, rtol=1e-3)
 
