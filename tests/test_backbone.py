@@ -31,7 +31,8 @@ def test_frozen_stages_keep_weights_and_statistics():
     (out * torch.randn_like(out)).sum().backward()  # sums and squared sums are constant after BatchNorm
     assert torch.equal(frozen_mean, backbone.cnn.bn1.running_mean)
     assert not torch.equal(trained_mean, backbone.cnn.layer2[0].bn1.running_mean)
-    assert backbone.cnn.layer2[0].conv1.weight.grad.abs().sum() > 0
+    # (timm zero-initialises each block's last BatchNorm, so only some of layer2 gets gradient at first)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in backbone.cnn.layer2.parameters())
     assert backbone.proj.weight.grad is not None
 
 
@@ -79,8 +80,9 @@ def test_channels_last_and_checkpointing_change_nothing():
         out = variant(x)
         torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
         (out * weights).sum().backward()
-        torch.testing.assert_close(variant.cnn.layer3[0].conv1.weight.grad,
-                                   plain_again.cnn.layer3[0].conv1.weight.grad, atol=1e-3, rtol=1e-3)
+        for (name, a), b in zip(variant.named_parameters(), plain_again.parameters()):
+            if a.grad is not None:
+                torch.testing.assert_close(a.grad, b.grad, atol=1e-3, rtol=1e-3, msg=name)
 
 
 def test_bad_configs_are_clear():
