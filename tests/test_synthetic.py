@@ -1,148 +1,362 @@
 import hashlib
+import io
 import json
 import re
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
+import webdataset as wds
+from PIL import Image
 
-from soho.config import ConfigError
-from soho.data.pretraining import decode_image
-from soho.data.shards import SkipCounter, expand_urls, read_shard
-from soho.data.synthetic import (COLOURS, NUMBERS, PLURALS, RELATION_PHRASES, SHAPES, SIZE_WORDS,
-                                 SyntheticWorldConfig, caption_candidates, generate_world, render, sample_scene)
-from soho.tokenizer import load_tokenizer
+from soho.config import ConfigError, from_dict, to_dict
+from soho.data.synthetic import (
+    COLOUR_RGB, COLOUR_WORDS, COLOURS, NEUTRAL_WORDS, RELATION_WORDS, SHAPE_WORDS, SHAPES, SIZE_RADIUS, SIZE_WORDS, SIZES,
+    SPLITS, VE_LABELS, VQA_ANSWER_SYNONYMS, VQA_ANSWERS, Description, SyntheticWorldConfig, answer, box_centre,
+    encode_image, ensure_world, generate_world, holds, make_group, pair_holds, render, sample_scene,
+)
 
-TINY = {"pretrain": 40, "retrieval_train": 10, "retrieval_val": 10, "retrieval_test": 12}
+TINY = {
+    "pretrain": 40, "retrieval_train": 8, "retrieval_val": 6, "retrieval_test": 10,
+    "nlvr2_train": 20, "nlvr2_val": 4, "nlvr2_test": 4,
+    "ve_train": 15, "ve_val": 6, "ve_test": 6,
+    "vqa_train": 15, "vqa_val": 6, "vqa_test": 6,
+}
+RELATION_CUES = re.compile(r"\b(left|right|above|over|higher|below|under|beneath|underneath|lower)\b")
+NUMBERS = {"no": 0, "one": 1, "a single": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+           "eight": 8}
+
+
+def tiny_config(**overrides) -> SyntheticWorldConfig:
+    settings = dict(split_sizes=TINY, shard_size=8, num_workers=1, tokenizer_vocab_size=400)
+    return SyntheticWorldConfig(**{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    config = SyntheticWorldConfig(split_sizes=TINY, shard_size=16, num_workers=1, tokenizer_vocab_size=400)
-    return root, generate_world(config, root)
+    config = tiny_config()
+    return root, config, generate_world(config, root)
 
 
-def samples(root, split):
-    out = []
-    for url in expand_urls(str(root / split)):
-        out += list(read_shard(url, SkipCounter()))
-    return out
+def read(root: Path, split: str):
+    urls = sorted(str(p) for p in (root / split).glob("*.tar"))
+    return list(wds.WebDataset(urls, shardshuffle=False))
 
 
-def test_counts_schema_and_disjoint_splits(world):
-    root, manifest = world
-    ids = set()
-    for split, size in TINY.items():
-        records = [json.loads(s["json"]) for s in samples(root, split)]
-        assert len(records) == size == manifest["splits"][split]["images"]
-        for record in records:
-            assert {"image_id", "captions", "width", "height", "source", "scene_graph"} <= set(record)
-            assert 3 <= len(record["captions"]) <= 5
-            if split == "retrieval_test":
-                assert len(record["captions"]) == 5
-        split_ids = {r["image_id"] for r in records}
-        assert not ids & split_ids
-        ids |= split_ids
+def records(root: Path, split: str):
+    return [json.loads(sample["json"]) for sample in read(root, split)]
 
 
-def test_same_seed_same_bytes_other_seed_differs(world, tmp_path):
-    root, manifest = world
-    config = SyntheticWorldConfig(split_sizes={"pretrain": 16}, shard_size=16, num_workers=1)
-    again = generate_world(config, tmp_path / "again")
-    assert again["splits"]["pretrain"]["shards"][0]["sha256"] == manifest["splits"]["pretrain"]["shards"][0]["sha256"]
-    other = generate_world(SyntheticWorldConfig(seed=1, split_sizes={"pretrain": 16}, shard_size=16, num_workers=1),
-                           tmp_path / "other")
-    assert other["splits"]["pretrain"]["shards"][0]["sha256"] != again["splits"]["pretrain"]["shards"][0]["sha256"]
-    data = (tmp_path / "again" / "pretrain" / "pretrain-000000.tar").read_bytes()
-    assert hashlib.sha256(data).hexdigest() == again["splits"]["pretrain"]["shards"][0]["sha256"]
+# ----------------------------------------------------------------------------- an independent reading of the text
+# Built from the surface vocabulary only, not from the generator's logic.
+
+WORD_MEANINGS = {}
+for _attribute, _table in (("shape", SHAPE_WORDS), ("colour", COLOUR_WORDS), ("size", SIZE_WORDS)):
+    for _value, _words in _table.items():
+        for _word in _words:
+            WORD_MEANINGS[_word] = (_attribute, _value)
+            if _attribute == "shape":
+                WORD_MEANINGS[_word + ("es" if _word.endswith("s") else "s")] = (_attribute, _value)
 
 
-def test_pixels_match_the_scene_graph(world):
-    root, _ = world
-    checked = 0
-    for sample in samples(root, "pretrain"):
-        record = json.loads(sample["json"])
-        pixels = np.asarray(decode_image(sample)).astype(float)
-        for obj in record["scene_graph"]["objects"]:
-            if obj["shape"] not in ("circle", "square", "hexagon", "diamond"):
+def parse_description(text: str) -> Description:
+    text = text.replace("plus signs", "crosses").replace("plus sign", "cross")
+    found = dict(WORD_MEANINGS[w] for w in re.findall(r"[a-z]+", text) if w in WORD_MEANINGS)
+    return Description(**found)
+
+
+def count_phrases(text: str):
+    """(number, description) for every ``two red circles`` / ``a single object`` in a text."""
+    adjectives = "|".join(w for w, (a, _) in WORD_MEANINGS.items() if a != "shape")
+    nouns = "|".join(sorted([w for w, (a, _) in WORD_MEANINGS.items() if a == "shape"]
+                            + ["objects?", "shapes?", "items?", "things?"], key=len, reverse=True))
+    pattern = rf"\b(no|one|a single|two|three|four|five|six|seven|eight) ((?:(?:{adjectives}) )*(?:{nouns}))\b"
+    return [(NUMBERS[m.group(1)], parse_description(m.group(2))) for m in re.finditer(pattern, text)]
+
+
+def recomputed_relations(scene, margin):
+    facts = set()
+    for a in scene["objects"]:
+        for b in scene["objects"]:
+            if a is b:
                 continue
-            x0, y0, x1, y1 = obj["box"]
-            cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
-            patch = pixels[cy - 1:cy + 2, cx - 1:cx + 2].reshape(-1, 3).mean(0)
-            assert np.abs(patch - np.array(COLOURS[obj["colour"]])).max() < 45, (obj, patch)
-            checked += 1
-    assert checked > 10
+            (ax, ay), (bx, by) = box_centre(a["box"]), box_centre(b["box"])
+            for predicate, gap in (("left of", bx - ax), ("right of", ax - bx), ("above", by - ay),
+                                   ("below", ay - by)):
+                if gap > margin:
+                    facts.add((a["id"], predicate, b["id"]))
+    return facts
 
 
-SIZE_OF = {w: size for size, words in SIZE_WORDS.items() for w in words}
+# ----------------------------------------------------------------------------- config
+
+def test_config_validation_and_round_trip():
+    for bad in (dict(image_size=8), dict(min_objects=3, max_objects=2), dict(max_objects=7),
+                dict(split_sizes={"pretrain": -1}), dict(split_sizes={"coco": 5}), dict(max_iou=1.5),
+                dict(shard_size=0), dict(min_captions=4, max_captions=3)):
+        with pytest.raises(ConfigError):
+            SyntheticWorldConfig(**bad)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        from_dict(SyntheticWorldConfig, {"image_sise": 64})
+    config = tiny_config(seed=3)
+    assert from_dict(SyntheticWorldConfig, to_dict(config)) == config
+    assert "num_workers" not in config.settings()
 
 
-def matching(description, objects):
-    words = description.split()
-    shape = words[-1]
-    colour = next((w for w in words if w in COLOURS), None)
-    size = next((SIZE_OF[w] for w in words if w in SIZE_OF), None)
-    return [o["id"] for o in objects if o["shape"] == shape and colour in (None, o["colour"])
-            and size in (None, o["size"])]
+# ----------------------------------------------------------------------------- shards and manifest
+
+def test_manifest_counts_shards_and_checksums(world):
+    root, config, manifest = world
+    assert set(manifest["splits"]) == set(SPLITS)
+    assert manifest["seed"] == config.seed and manifest["seconds"] > 0
+    for split, entry in manifest["splits"].items():
+        assert entry["samples"] == TINY[split] == len(read(root, split))
+        for shard in entry["shards"]:
+            path = root / shard["path"]
+            assert re.fullmatch(rf"{split}/{split}-\d{{6}}\.tar", shard["path"])
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
+    assert len(manifest["splits"]["pretrain"]["shards"]) == 5
 
 
-def test_every_caption_is_true(world):
-    phrases = sorted(((p, rel) for rel, ps in RELATION_PHRASES.items() for p in ps), key=lambda x: -len(x[0]))
-    checked = {"relation": 0, "count": 0, "shape_count": 0}
-    for seed in range(300):
-        rng = np.random.default_rng(seed)
-        scene = sample_scene(rng, SyntheticWorldConfig())
-        objects, relations = scene["objects"], scene["relations"]
-        for caption in caption_candidates(scene, rng):
-            count = re.match(r"there (?:is|are) (\w+) \w+ in the (?:picture|image|scene|frame)", caption)
-            if count:
-                assert NUMBERS.index(count.group(1)) == len(objects)
-                checked["count"] += 1
-                continue
-            exact = re.match(r"(?:exactly|precisely) (\w+) (\w+) (?:is|are) visible", caption)
-            if exact:
-                noun = exact.group(2)
-                shape = next(s for s in SHAPES if noun in (s, PLURALS[s]))
-                assert NUMBERS.index(exact.group(1)) == sum(o["shape"] == shape for o in objects)
-                checked["shape_count"] += 1
-                continue
-            for phrase, relation in phrases:
-                if f" {phrase} " in caption:
-                    left, right = caption.split(f" {phrase} ", 1)
-                    left = left.removesuffix(" is")
-                    subjects, targets = matching(left, objects), matching(right, objects)
-                    assert any({"subject": s, "relation": relation, "object": t} in relations
-                               for s in subjects for t in targets), (caption, scene)
-                    checked["relation"] += 1
-                    break
-    assert min(checked.values()) > 50, checked
+def test_webdataset_reads_documented_keys(world):
+    root, config, _ = world
+    expected = {
+        "pretrain": ({"jpg", "json"}, {"image_id", "captions", "width", "height", "source", "scene_graph"}),
+        "retrieval_test": ({"jpg", "json"}, {"image_id", "captions", "width", "height", "source", "scene_graph"}),
+        "nlvr2_val": ({"left.jpg", "right.jpg", "json"},
+                      {"identifier", "sentence", "label", "left_id", "right_id", "source", "scene_graphs"}),
+        "ve_val": ({"jpg", "json"}, {"pair_id", "image_id", "hypothesis", "label", "source", "scene_graph"}),
+        "vqa_val": ({"jpg", "json"}, {"question_id", "image_id", "question", "answers", "answer", "answer_type",
+                                      "question_type", "source", "scene_graph"}),
+    }
+    for split, (members, fields) in expected.items():
+        for sample in read(root, split):
+            assert {k for k in sample if not k.startswith("__")} == members
+            assert "." not in sample["__key__"]
+            record = json.loads(sample["json"])
+            assert set(record) == fields and record["source"] == "synthetic"
+            for member in members - {"json"}:
+                image = Image.open(io.BytesIO(sample[member]))
+                assert image.format == "JPEG" and image.size == (config.image_size, config.image_size)
 
 
-def test_vocabulary_is_rich_enough():
-    words = set()
-    for seed in range(300):
-        rng = np.random.default_rng(seed)
-        for caption in caption_candidates(sample_scene(rng, SyntheticWorldConfig()), rng):
-            words.update(caption.replace(",", "").split())
-    assert len(words) >= 100, len(words)
+def test_same_seed_same_bytes_whatever_the_workers_other_seed_differs(world, tmp_path):
+    root, config, manifest = world
+    again = generate_world(tiny_config(num_workers=2), tmp_path / "again")
+    other = generate_world(tiny_config(seed=1), tmp_path / "other")
+    for split, entry in manifest["splits"].items():
+        digests = [s["sha256"] for s in entry["shards"]]
+        assert [s["sha256"] for s in again["splits"][split]["shards"]] == digests
+        assert not set(s["sha256"] for s in other["splits"][split]["shards"]) & set(digests)
+    assert again["settings"] == manifest["settings"]
 
 
-def test_tokenizer_is_saved(world):
-    root, _ = world
-    tokenizer = load_tokenizer(root / "tokenizer")
-    tokens = tokenizer.convert_ids_to_tokens(tokenizer("a small red circle")["input_ids"])
-    assert tokens == ["[CLS]", "a", "small", "red", "circle", "[SEP]"]
+def test_splits_share_no_image(world):
+    root, _, _ = world
+    ids, pixels = {}, {}
+    for split in SPLITS:
+        split_ids, split_pixels = set(), set()
+        for sample in read(root, split):
+            record = json.loads(sample["json"])
+            split_ids |= {record[k] for k in ("image_id", "left_id", "right_id") if k in record}
+            split_pixels |= {hashlib.sha256(v).hexdigest() for k, v in sample.items() if k.endswith("jpg")}
+        for other in ids:
+            assert not split_ids & ids[other] and not split_pixels & pixels[other], (split, other)
+        ids[split], pixels[split] = split_ids, split_pixels
 
 
-def test_config_validation():
-    with pytest.raises(ConfigError, match="unknown synthetic split"):
-        SyntheticWorldConfig(split_sizes={"coco": 3})
-    with pytest.raises(ConfigError, match="objects"):
-        SyntheticWorldConfig(max_objects=6)
+def test_ensure_world_reuses_and_regenerates(world, tmp_path):
+    config = tiny_config(split_sizes={"pretrain": 20})
+    root = ensure_world(tmp_path / "w", config)
+    manifest = (root / "manifest.json").read_text()
+    assert ensure_world(root, config) == root and (root / "manifest.json").read_text() == manifest
+    ensure_world(root, tiny_config(split_sizes={"pretrain": 9}))
+    assert sorted(p.name for p in (root / "pretrain").iterdir()) == ["pretrain-000000.tar", "pretrain-000001.tar"]
+    assert json.loads((root / "manifest.json").read_text())["splits"]["pretrain"]["samples"] == 9
 
 
-def test_render_is_deterministic():
+def test_tokenizer_loads_with_auto_tokenizer(world):
+    from transformers import AutoTokenizer
+
+    root, _, _ = world
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    caption = records(root, "pretrain")[0]["captions"][0]
+    ids = tokenizer(caption)["input_ids"]
+    assert ids[0] == tokenizer.cls_token_id and tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == caption
+
+
+# ----------------------------------------------------------------------------- scenes and pixels
+
+def test_scene_graphs_match_pixels():
     config = SyntheticWorldConfig()
-    a = render(sample_scene(np.random.default_rng(5), config), np.random.default_rng(6))
-    b = render(sample_scene(np.random.default_rng(5), config), np.random.default_rng(6))
-    assert np.array_equal(np.asarray(a), np.asarray(b))
+    palette = np.array([COLOUR_RGB[c] for c in COLOURS], dtype=np.float64)
+    checked = 0
+    for index in range(150):
+        rng = np.random.default_rng([7, index])
+        scene = sample_scene(rng, config)
+        pixels = np.asarray(Image.open(io.BytesIO(encode_image(render(scene, rng), "jpg"))), dtype=np.float64)
+        covered = np.zeros(pixels.shape[:2], dtype=bool)
+        for obj in scene["objects"]:
+            cx, cy = (int(v) for v in box_centre(obj["box"]))
+            centre = pixels[cy - 1:cy + 2, cx - 1:cx + 2].reshape(-1, 3).mean(0)
+            assert COLOURS[np.linalg.norm(palette - centre, axis=1).argmin()] == obj["colour"], obj
+            x0, y0, x1, y1 = obj["box"]
+            covered[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = True
+            checked += 1
+        # Outside every box is background: dark or grey, far from every object colour.
+        background = pixels[~covered]
+        assert np.linalg.norm(palette[None] - background[:, None], axis=2).min(1).mean() > 80
+    assert checked > 250
+
+
+def test_boxes_sizes_and_relations_are_consistent():
+    config = SyntheticWorldConfig()
+    counts = Counter()
+    for index in range(300):
+        scene = sample_scene(np.random.default_rng([8, index]), config)
+        counts[len(scene["objects"])] += 1
+        for obj in scene["objects"]:
+            x0, y0, x1, y1 = obj["box"]
+            assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+            assert x1 - x0 == pytest.approx(2 * SIZE_RADIUS[obj["size"]] * 64, abs=0.02)
+            assert obj["shape"] in SHAPES and obj["colour"] in COLOURS and obj["size"] in SIZES
+        stored = {(r["subject"], r["predicate"], r["object"]) for r in scene["relations"]}
+        assert stored == recomputed_relations(scene, config.relation_margin * 64)
+    assert set(counts) == {1, 2, 3, 4}
+
+
+# ----------------------------------------------------------------------------- text is true
+
+def test_captions_are_true_of_their_scene_graphs(world):
+    root, config, _ = world
+    checked = Counter()
+    for split in ("pretrain", "retrieval_train", "retrieval_val", "retrieval_test"):
+        for index, record in enumerate(records(root, split)):
+            scene = record["scene_graph"]
+            (sample, claims), = make_group(config, split, index)
+            assert sample["json"]["captions"] == record["captions"]
+            assert all(holds(claim, scene) for claim in claims)
+            if split == "retrieval_test":
+                assert len(record["captions"]) == len(set(record["captions"])) == 5
+            else:
+                assert config.min_captions <= len(record["captions"]) <= config.max_captions
+            # Independently of the claims: every count said is the count in the graph, and
+            # every relation said holds between some pair of objects, recomputed from boxes.
+            facts = recomputed_relations(scene, config.relation_margin * 64)
+            for caption in record["captions"]:
+                for n, d in count_phrases(caption):
+                    assert len(d.select(scene)) == n, caption
+                    checked["count"] += 1
+                cue = RELATION_CUES.search(caption)
+                if cue:
+                    phrase = max((p for ps in RELATION_WORDS.values() for p in ps if f" {p} " in caption), key=len)
+                    predicate = next(k for k, ps in RELATION_WORDS.items() if phrase in ps)
+                    first, second = (parse_description(part) for part in caption.split(f" {phrase} "))
+                    assert any((a["id"], predicate, b["id"]) in facts for a in first.select(scene)
+                               for b in second.select(scene)), caption
+                    checked["relation"] += 1
+    assert checked["count"] > 10 and checked["relation"] > 10
+
+
+def test_caption_vocabulary_is_rich():
+    config = SyntheticWorldConfig()
+    words = set()
+    for index in range(300):
+        (sample, _), = make_group(config, "pretrain", index)
+        for caption in sample["json"]["captions"]:
+            words |= set(re.findall(r"[a-z]+", caption))
+    assert len(words) >= 100, sorted(words)
+
+
+def test_nlvr2_labels_balanced_and_correct(world):
+    root, _, _ = world
+    config = SyntheticWorldConfig()
+    labels, checked = Counter(), 0
+    for index in range(150):
+        for sample, claim in make_group(config, "nlvr2_train", index):
+            record = sample["json"]
+            left, right = record["scene_graphs"]["left"], record["scene_graphs"]["right"]
+            assert pair_holds(claim, left, right) == record["label"]
+            labels[record["label"]] += 1
+            # Independent check of the forms simplest to parse back.
+            text = record["sentence"]
+            both = re.fullmatch(r"both images contain an? (.+)", text)
+            if both:
+                d = parse_description(both.group(1))
+                assert (bool(d.select(left)) and bool(d.select(right))) == record["label"], text
+                checked += 1
+            total = re.fullmatch(r"there (?:is|are) (.+) in total", text)
+            if total:
+                (n, d), = count_phrases(total.group(1))
+                assert (len(d.select(left)) + len(d.select(right)) == n) == record["label"], text
+                checked += 1
+            compare = re.fullmatch(r"(?:the|there are) (?:(left|right) image (?:has|contains) )?(more|fewer) (.+?) "
+                                   r"(?:than|in the (left|right) image than).*", text)
+            if compare:
+                side, op, noun, side_after = compare.groups()
+                d = parse_description(noun)
+                first, second = (left, right) if (side or side_after) == "left" else (right, left)
+                a, b = len(d.select(first)), len(d.select(second))
+                assert (a > b if op == "more" else a < b) == record["label"], text
+                checked += 1
+    assert checked > 40
+    assert labels[True] == labels[False] == 150
+    stored = records(root, "nlvr2_train")
+    assert Counter(r["label"] for r in stored) == {True: 10, False: 10}
+
+
+def test_ve_labels_balanced_and_decided_by_the_scene_graph(world):
+    root, _, _ = world
+    config = SyntheticWorldConfig()
+    labels = Counter()
+    neutral_words = {w for words in NEUTRAL_WORDS.values() for w in words}
+    for index in range(150):
+        for sample, claim in make_group(config, "ve_train", index):
+            record = sample["json"]
+            scene, label = record["scene_graph"], record["label"]
+            labels[label] += 1
+            if label == "neutral":
+                assert claim[0] == "neutral" and any(w in record["hypothesis"] for w in neutral_words)
+                assert claim[1] is None or claim[1].select(scene)
+            else:
+                assert holds(claim, scene) == (label == "entailment"), record["hypothesis"]
+    assert set(labels) == set(VE_LABELS) and max(labels.values()) - min(labels.values()) <= 3
+    assert {r["label"] for r in records(root, "ve_test")} == set(VE_LABELS)
+
+
+def test_vqa_answers_come_from_the_answer_set_and_the_scene_graph(world):
+    root, _, _ = world
+    config = SyntheticWorldConfig()
+    types, yes_no, noisy = Counter(), Counter(), 0
+    for index in range(200):
+        for sample, program in make_group(config, "vqa_train", index):
+            record = sample["json"]
+            scene = record["scene_graph"]
+            assert record["answer"] in VQA_ANSWERS and record["answer"] == answer(program, scene)
+            assert len(record["answers"]) == 10
+            assert all(a == record["answer"] or a in VQA_ANSWER_SYNONYMS[record["answer"]] for a in record["answers"])
+            # Soft VQA accuracy: the canonical answer always scores 1 (at most 4 annotators stray).
+            assert min(record["answers"].count(record["answer"]) / 3, 1) == 1
+            noisy += len(set(record["answers"])) > 1
+            if program[0] == "query":
+                assert len(program[1].select(scene)) == 1, record["question"]
+            expected_type = {"yes": "yes/no", "no": "yes/no"}.get(record["answer"],
+                                                                  "number" if program[0] == "count" else "other")
+            assert record["answer_type"] == expected_type
+            types[record["question_type"]] += 1
+            if record["answer_type"] == "yes/no":
+                yes_no[record["answer"]] += 1
+            match = re.fullmatch(r"how many (.+) are there\?", record["question"])
+            if match:
+                assert int(record["answer"]) == len(parse_description(match.group(1)).select(scene))
+            match = re.fullmatch(r"what colou?r is the (.+)\?", record["question"])
+            if match and not RELATION_CUES.search(match.group(1)):
+                chosen, = parse_description(match.group(1)).select(scene)
+                assert chosen["colour"] == record["answer"]
+    assert set(types) == {"colour", "shape", "size", "count", "yes/no", "relation"}
+    assert abs(yes_no["yes"] - yes_no["no"]) < 0.2 * sum(yes_no.values())
+    assert 0.03 < noisy / 600 < 0.2
+    assert all(len(r["answers"]) == 10 for r in records(root, "vqa_test"))

@@ -287,7 +287,7 @@ class SohoForPretraining(SohoPreTrainedModel):
         matched = image_ids[partners] == image_ids[image_index]
 
         masked_cells = None
-        mvm_on = self.soho.visual_dictionary is not None and config.loss_weights.mvm > 0 and self.training
+        mvm_on = self.soho.visual_dictionary is not None and config.loss_weights.mvm > 0
         if mvm_on:
             masked_cells = sample_mvm_mask(grid.indices, grid.mask, config.mvm.probability)
 
