@@ -153,13 +153,13 @@ def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
 
 
 def test_short_run_lowers_the_loss(world, tmp_path):
-    pretrain(run_config(world, tmp_path / "run", max_steps=60, save_every=100, log_every=10))
-    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
-    # MVM targets move with the dictionary, so the total is noisy; MLM (the colour word is
-    # only predictable from the image) must fall clearly.
-    for key, ratio in (("loss", 0.93), ("mlm", 0.9)):
-        values = [r[key] for r in records]
-        assert np.mean(values[-2:]) < ratio * np.mean(values[:2]), (key, values)
+    # Held-out losses on the same batches with the same masks, after 1 and after 100 steps.
+    # (Training losses over batches of 4 images are too noisy to compare; MVM targets move
+    # with the dictionary.)
+    before = pretrain(run_config(world, tmp_path / "one", max_steps=1, save_every=1000, eval_batches=4))["eval"]
+    after = pretrain(run_config(world, tmp_path / "run", max_steps=100, save_every=1000, eval_batches=4))["eval"]
+    assert after["mlm"] < 0.8 * before["mlm"], (before, after)
+    assert after["itm"] + after["mlm"] < before["itm"] + before["mlm"]
 
 
 def test_too_many_skips_stop_the_run(world, tmp_path):

@@ -1,5 +1,6 @@
 import hashlib
 import io
+import itertools
 import json
 import re
 from collections import Counter
@@ -12,9 +13,10 @@ from PIL import Image
 
 from soho.config import ConfigError, from_dict, to_dict
 from soho.data.synthetic import (
-    COLOUR_RGB, COLOUR_WORDS, COLOURS, NEUTRAL_WORDS, RELATION_WORDS, SHAPE_WORDS, SHAPES, SIZE_RADIUS, SIZE_WORDS, SIZES,
-    SPLITS, VE_LABELS, VQA_ANSWER_SYNONYMS, VQA_ANSWERS, Description, SyntheticWorldConfig, answer, box_centre,
-    encode_image, ensure_world, generate_world, holds, make_group, pair_holds, render, sample_scene,
+    COLOUR_RGB, COLOUR_WORDS, COLOURS, NEUTRAL_WORDS, RELATION_WORDS, SHAPE_WORDS, SHAPES, SIZE_RADIUS,
+    SIZE_WORDS, SIZES, SPLITS, VE_LABELS, VQA_ANSWER_SYNONYMS, VQA_ANSWERS, Description, SyntheticWorldConfig,
+    answer, box_centre, encode_image, ensure_world, generate_world, holds, make_group, pair_holds, render,
+    sample_scene,
 )
 
 TINY = {
@@ -167,7 +169,7 @@ def test_splits_share_no_image(world):
         ids[split], pixels[split] = split_ids, split_pixels
 
 
-def test_ensure_world_reuses_and_regenerates(world, tmp_path):
+def test_ensure_world_reuses_and_regenerates(tmp_path):
     config = tiny_config(split_sizes={"pretrain": 20})
     root = ensure_world(tmp_path / "w", config)
     manifest = (root / "manifest.json").read_text()
@@ -223,6 +225,9 @@ def test_boxes_sizes_and_relations_are_consistent():
             assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
             assert x1 - x0 == pytest.approx(2 * SIZE_RADIUS[obj["size"]] * 64, abs=0.02)
             assert obj["shape"] in SHAPES and obj["colour"] in COLOURS and obj["size"] in SIZES
+        for a, b in itertools.combinations([o["box"] for o in scene["objects"]], 2):
+            # Default max_iou=0: at least 2 px of background between any two objects.
+            assert a[2] + 2 <= b[0] or b[2] + 2 <= a[0] or a[3] + 2 <= b[1] or b[3] + 2 <= a[1], (a, b)
         stored = {(r["subject"], r["predicate"], r["object"]) for r in scene["relations"]}
         assert stored == recomputed_relations(scene, config.relation_margin * 64)
     assert set(counts) == {1, 2, 3, 4}
