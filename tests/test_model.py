@@ -163,3 +163,25 @@ def test_loss_decreases_when_overfitting_one_batch(config):
         optimizer.step()
         losses.append(out.loss.item())
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_library_round_trip_with_processor(tmp_path):
+    """The README's library example: save model + processor together, load, score raw images and texts."""
+    import numpy as np
+
+    from soho import SohoProcessor, train_wordpiece_tokenizer
+    from soho.processing import ImageTransformConfig
+
+    tokenizer = train_wordpiece_tokenizer(["a red circle", "two blue squares"] * 5, tmp_path / "tok", vocab_size=VOCAB)
+    processor = SohoProcessor(tokenizer, ImageTransformConfig(min_size=64, max_size=96))
+    model = SohoForPretraining(tiny_config()).eval()
+    model.save_pretrained(tmp_path / "ckpt", processor=processor)
+    loaded = SohoForPretraining.from_pretrained(tmp_path / "ckpt").eval()
+    loaded_processor = SohoProcessor.from_pretrained(tmp_path / "ckpt")
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), rng.integers(0, 255, (80, 40, 3), dtype=np.uint8)]
+    inputs = loaded_processor(images=images, text=["a red circle", "two blue squares"])
+    probs = loaded.score(**inputs)
+    torch.testing.assert_close(probs, model.score(**processor(images=images, text=["a red circle",
+                                                                                    "two blue squares"])))
+    assert probs.shape == (2,)
