@@ -144,6 +144,12 @@ def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
     steps = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full") if "loss" in r}
     checkpoint = tmp_path / "full" / "checkpoints" / "step_3"
     assert (checkpoint / "pretrained" / "model.safetensors").is_file()
+    # The export is what the README's library example loads.
+    from soho import SohoForPretraining, SohoProcessor
+    model = SohoForPretraining.from_pretrained(tmp_path / "full" / "pretrained").eval()
+    processor = SohoProcessor.from_pretrained(tmp_path / "full" / "pretrained")
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    assert model.score(**processor(images=[image], text=["a red picture"])).shape == (1,)
     resumed_dir = tmp_path / "resumed"
     pretrain(run_config(world, resumed_dir, resume=str(checkpoint)))
     resumed = {r["step"]: r["loss"] for r in read_metrics(resumed_dir) if "loss" in r}

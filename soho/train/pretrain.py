@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from soho.config import ConfigError, to_dict
 from soho.data.pretraining import PretrainingDataset, pretraining_loader
 from soho.models.soho import SohoForPretraining
+from soho.processing import SohoProcessor
 from soho.tokenizer import load_tokenizer
 from soho.train.config import OptimConfig, OptimizerConfig, PretrainConfig
 
@@ -144,7 +145,8 @@ def evaluate(model: nn.Module, config: PretrainConfig, tokenizer, accelerator: A
 
 
 def save_checkpoint(accelerator: Accelerator, model: nn.Module, output_dir: Path, step: int,
-                    data_positions: Dict[int, int], tokenizer, keep_last: int, config: PretrainConfig) -> Path:
+                    data_positions: Dict[int, int], processor: SohoProcessor, keep_last: int,
+                    config: PretrainConfig) -> Path:
     """Write the full training state and a ``save_pretrained`` export, atomically (tmp dir, then rename)."""
     final = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
     tmp = final.with_name(final.name + ".tmp")
@@ -155,8 +157,7 @@ def save_checkpoint(accelerator: Accelerator, model: nn.Module, output_dir: Path
     (tmp / f"data_state_rank{accelerator.process_index}.json").write_text(json.dumps({"positions": data_positions}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(tmp / "pretrained")
-        tokenizer.save_pretrained(tmp / "pretrained")
+        accelerator.unwrap_model(model).save_pretrained(tmp / "pretrained", processor=processor)
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": to_dict(config)}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -291,7 +292,9 @@ def pretrain(config: PretrainConfig) -> Dict[str, float]:
         if train.eval_every and step % train.eval_every == 0 and train.eval_shards:
             writer.write({"step": step, "eval": evaluate(model, config, tokenizer, accelerator)})
         if step % train.save_every == 0 or step == train.max_steps or out_of_time:
-            save_checkpoint(accelerator, model, output_dir, step, positions, tokenizer, train.keep_last, config)
+            save_checkpoint(accelerator, model, output_dir, step, positions,
+                            SohoProcessor(tokenizer, config.data.image, config.data.max_text_length),
+                            train.keep_last, config)
         if out_of_time:
             logger.info("stopping at step %d: train.max_minutes=%s reached", step, train.max_minutes)
             break
@@ -302,7 +305,7 @@ def pretrain(config: PretrainConfig) -> Dict[str, float]:
         final["eval"] = evaluate(model, config, tokenizer, accelerator)
     writer.write(final)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(output_dir / "pretrained")
-        tokenizer.save_pretrained(output_dir / "pretrained")
+        processor = SohoProcessor(tokenizer, config.data.image, config.data.max_text_length)
+        accelerator.unwrap_model(model).save_pretrained(output_dir / "pretrained", processor=processor)
     accelerator.end_training()
     return final
