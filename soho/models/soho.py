@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from soho.distributed import rank
