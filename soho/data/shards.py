@@ -1,0 +1,140 @@
+"""Webdataset shards: listing, splitting across ranks and workers, reading, shuffling.
+
+Streams here are deterministic functions of (seed, epoch, rank, worker), which is
+what lets a resumed run skip exactly the samples it has already seen.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import random
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Sequence, Tuple, Union
+
+from braceexpand import braceexpand
+
+logger = logging.getLogger(__name__)
+
+Sample = Dict[str, Any]
+
+
+def expand_urls(spec: Union[str, Sequence[str]]) -> List[str]:
+    """Shard paths from a directory, a brace pattern (``shard-{000..009}.tar``), a glob, or a list of these."""
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    urls: List[str] = []
+    for item in specs:
+        for expanded in braceexpand(str(item)):
+            if os.path.isdir(expanded):
+                found = sorted(str(p) for p in Path(expanded).glob("*.tar"))
+                if not found:
+                    raise FileNotFoundError(f"no .tar shards in directory {expanded}")
+                urls.extend(found)
+                continue
+            matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
+            missing = [m for m in matches if not os.path.isfile(m)]
+            if not matches or missing:
+                raise FileNotFoundError(f"shard not found: {missing[0] if missing else expanded} (from {item!r})")
+            urls.extend(matches)
+    if not urls:
+        raise FileNotFoundError(f"no shards found for {spec!r}")
+    return urls
+
+
+class SkipCounter(Counter):
+    """Samples dropped from a stream, by reason; every skip is also logged."""
+
+    def skip(self, reason: str, key: str, detail: Any = "") -> None:
+        self[reason] += 1
+        logger.warning("skipping sample %s: %s %s", key, reason, detail)
+
+
+def _split_name(name: str) -> Tuple[str, str]:
+    """``dir/abc.left.jpg`` -> (``dir/abc``, ``left.jpg``): webdataset's rule, the first dot of the basename."""
+    directory, _, base = name.rpartition("/")
+    key, _, extension = base.partition(".")
+    return (f"{directory}/{key}" if directory else key), extension
+
+
+def read_shard(url: str, skips: SkipCounter) -> Iterator[Sample]:
+    """Samples (raw bytes by extension, plus ``__key__`` and ``__url__``) of one tar shard.
+
+    Members sharing a key form one sample, as in webdataset. A truncated or unreadable
+    shard ends with a counted skip: Python's tarfile would otherwise stop quietly at a
+    cut-off header and the rest of the shard would vanish unnoticed.
+    """
+    sample: Sample = {}
+    try:
+        with open(url, "rb") as stream:
+            tar = tarfile.open(fileobj=stream, mode="r|")
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, extension = _split_name(member.name)
+                if sample and sample["__key__"] != key:
+                    yield sample
+                    sample = {}
+                if not sample:
+                    sample = {"__key__": key, "__url__": url}
+                sample[extension.lower()] = tar.extractfile(member).read()
+            if sample:
+                yield sample
+                sample = {}
+            stream.seek(tar.offset)
+            if stream.read().strip(b"\0"):
+                skips.skip("truncated_shard", url, f"data after byte {tar.offset} is not a tar member")
+    except (OSError, tarfile.TarError) as error:
+        skips.skip("unreadable_shard", url, repr(error))
+
+
+def stream_samples(urls: Sequence[str], seed: int, rank: int, world_size: int, worker: int, num_workers: int,
+                   skips: SkipCounter, repeat: bool, resampled: bool = False) -> Iterator[Sample]:
+    """The raw samples one (rank, worker) reads; disjoint from every other (rank, worker).
+
+    With at least as many shards as readers, whole shards are dealt out; with fewer,
+    every reader opens every shard and keeps every n-th sample, so small data sets
+    still split without duplicates. ``repeat`` restarts with a new shard order each
+    epoch; ``resampled`` draws shards with replacement forever (reader-specific seed).
+    """
+    reader, readers = rank * num_workers + worker, world_size * num_workers
+    if resampled:
+        rng = random.Random(hash((seed, reader)))
+        while True:
+            yield from read_shard(rng.choice(urls), skips)
+    epoch = 0
+    while True:
+        order = list(urls)
+        random.Random(hash((seed, epoch))).shuffle(order)
+        if len(order) >= readers:
+            for url in order[reader::readers]:
+                yield from read_shard(url, skips)
+        else:
+            position = 0
+            for url in order:
+                for sample in read_shard(url, skips):
+                    if position % readers == reader:
+                        yield sample
+                    position += 1
+        epoch += 1
+        if not repeat:
+            return
+
+
+def shuffle(samples: Iterable[Sample], buffer_size: int, seed: int) -> Iterator[Sample]:
+    """Shuffle within a bounded buffer (memory stays constant; mixing grows with the buffer)."""
+    if buffer_size <= 1:
+        yield from samples
+        return
+    rng = random.Random(seed)
+    buffer: List[Sample] = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(buffer_size)
+        buffer[index], sample = sample, buffer[index]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
