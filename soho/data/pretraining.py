@@ -182,20 +182,19 @@ class PretrainingDataset(IterableDataset):
             captions.append(random.Random(hash((reader_seed, position))).sample(texts, count))
             image_ids.append(stable_id(str(record.get("image_id", key))))
             if len(images) == self.batch_size:
-                generator = torch.Generator().manual_seed(hash((reader_seed, position)) & 0x7FFFFFFF)
-                batch = self.collate(images, captions, image_ids, generator)
-                batch["worker"] = worker
-                batch["position"] = position
-                batch["skipped"] = dict(skips - reported)
-                batch["samples"] = len(images)
+                yield self._batch(images, captions, image_ids, reader_seed, worker, position, skips - reported)
                 reported = SkipCounter(skips)
-                yield batch
                 images, captions, image_ids = [], [], []
         if images and not self.repeat:
-            generator = torch.Generator().manual_seed(hash((reader_seed, position)) & 0x7FFFFFFF)
-            batch = self.collate(images, captions, image_ids, generator)
-            batch.update(worker=worker, position=position, skipped=dict(skips - reported), samples=len(images))
-            yield batch
+            yield self._batch(images, captions, image_ids, reader_seed, worker, position, skips - reported)
+
+    def _batch(self, images, captions, image_ids, reader_seed: int, worker: int, position: int,
+               skipped: SkipCounter) -> Dict[str, Any]:
+        """Collate, with MLM masks keyed by stream position, plus the stream bookkeeping."""
+        generator = torch.Generator().manual_seed(hash((reader_seed, position)) & 0x7FFFFFFF)
+        batch = self.collate(images, captions, image_ids, generator)
+        batch.update(worker=worker, position=position, skipped=dict(skipped), samples=len(images))
+        return batch
 
 
 def pretraining_loader(dataset: PretrainingDataset, num_workers: int, pin_memory: bool = False) -> DataLoader:

@@ -38,8 +38,7 @@ def _without_external_weights(config: SohoConfig) -> SohoConfig:
     )
 
 
-def read_config(directory: str | Path) -> SohoConfig:
-    directory = Path(directory)
+def _read_record(directory: Path) -> Dict:
     config_file = directory / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{directory} is not a soho checkpoint: {CONFIG_NAME} is missing")
@@ -49,7 +48,11 @@ def read_config(directory: str | Path) -> SohoConfig:
         raise ValueError(f"{config_file} is not valid JSON: {err}") from None
     if not isinstance(saved, dict) or "config" not in saved:
         raise ValueError(f"{config_file} has no 'config' section; was it written by save_pretrained?")
-    return _without_external_weights(from_dict(SohoConfig, saved["config"]))
+    return saved
+
+
+def read_config(directory: str | Path) -> SohoConfig:
+    return _without_external_weights(from_dict(SohoConfig, _read_record(Path(directory))["config"]))
 
 
 def _match_prefix(state: Dict[str, Tensor], own_keys) -> Dict[str, Tensor]:
@@ -142,12 +145,13 @@ class SohoPreTrainedModel(nn.Module):
                     f"checkpoints because that can run arbitrary code. Convert them to {WEIGHTS_NAME} "
                     "(safetensors) from a trusted environment.")
             raise FileNotFoundError(f"{directory} is not a soho checkpoint: {WEIGHTS_NAME} is missing")
-        saved_architecture = json.loads((directory / CONFIG_NAME).read_text()).get("architecture") \
-            if (directory / CONFIG_NAME).is_file() else None
-        model = cls(_without_external_weights(config) if config is not None else read_config(directory))
+        record = _read_record(directory) if config is None or (directory / CONFIG_NAME).is_file() else {}
+        if config is None:
+            config = from_dict(SohoConfig, record["config"])
+        model = cls(_without_external_weights(config))
         state = _match_prefix(load_file(str(weights_file), device=str(map_location)), model.state_dict().keys())
         if strict is None:
-            strict = saved_architecture == cls.__name__
+            strict = record.get("architecture") == cls.__name__
         result = model.load_state_dict(state, strict=False)
         if strict and (result.missing_keys or result.unexpected_keys):
             raise ValueError(f"checkpoint {directory} does not fit {cls.__name__}: "

@@ -194,6 +194,7 @@ def pretrain(config: PretrainConfig) -> Dict[str, float]:
     if len(tokenizer) > config.model.encoder.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.encoder.vocab_size is "
                           f"{config.model.encoder.vocab_size}")
+    processor = SohoProcessor(tokenizer, config.data.image, config.data.max_text_length)
     model = SohoForPretraining(config.model)
     backbone_params, other_params = split_parameters(model)
     optimizers = [build_optimizer(other_params, config.optim.rest)]
@@ -292,9 +293,7 @@ def pretrain(config: PretrainConfig) -> Dict[str, float]:
         if train.eval_every and step % train.eval_every == 0 and train.eval_shards:
             writer.write({"step": step, "eval": evaluate(model, config, tokenizer, accelerator)})
         if step % train.save_every == 0 or step == train.max_steps or out_of_time:
-            save_checkpoint(accelerator, model, output_dir, step, positions,
-                            SohoProcessor(tokenizer, config.data.image, config.data.max_text_length),
-                            train.keep_last, config)
+            save_checkpoint(accelerator, model, output_dir, step, positions, processor, train.keep_last, config)
         if out_of_time:
             logger.info("stopping at step %d: train.max_minutes=%s reached", step, train.max_minutes)
             break
@@ -305,7 +304,6 @@ def pretrain(config: PretrainConfig) -> Dict[str, float]:
         final["eval"] = evaluate(model, config, tokenizer, accelerator)
     writer.write(final)
     if accelerator.is_main_process:
-        processor = SohoProcessor(tokenizer, config.data.image, config.data.max_text_length)
         accelerator.unwrap_model(model).save_pretrained(output_dir / "pretrained", processor=processor)
     accelerator.end_training()
     return final
