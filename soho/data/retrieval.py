@@ -1,0 +1,70 @@
+"""Reading an image-caption split whole, in order, for retrieval evaluation."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from soho.data.pretraining import SampleError, decode_image, decode_json
+from soho.data.shards import SkipCounter, expand_urls, stream_samples
+from soho.processing import SohoProcessor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RetrievalSplit:
+    image_ids: List[str]
+    captions: List[str]
+    text_image: Tensor
+    """(N,) index into ``image_ids`` of each caption."""
+    image_batches: List[Tuple[Tensor, Tensor]]
+    """(pixel_values, pixel_mask) per batch of images, in ``image_ids`` order."""
+    text_batches: List[Dict[str, Tensor]]
+    """Tokenised captions per batch, in ``captions`` order."""
+    skipped: Dict[str, int]
+
+
+def read_retrieval_split(shards: Union[str, List[str]], processor: SohoProcessor, batch_size: int = 64,
+                         max_images: Optional[int] = None) -> RetrievalSplit:
+    """Every image of the split with all its captions (the 5-caption test protocol).
+
+    Broken samples are skipped, logged and counted in ``skipped``, never silently dropped.
+    """
+    skips = SkipCounter()
+    image_ids: List[str] = []
+    captions: List[str] = []
+    text_image: List[int] = []
+    images = []
+    for sample in stream_samples(expand_urls(shards), seed=0, rank=0, world_size=1, worker=0, num_workers=1,
+                                 skips=skips, repeat=False):
+        if max_images is not None and len(image_ids) >= max_images:
+            break
+        key = sample.get("__key__", "?")
+        try:
+            record = decode_json(sample)
+            texts = record.get("captions")
+            if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+                raise SampleError("missing_captions", f"captions={texts!r}")
+            images.append(decode_image(sample))
+        except SampleError as error:
+            skips.skip(error.reason, f"{sample.get('__url__', '')}:{key}", error)
+            continue
+        text_image += [len(image_ids)] * len(texts)
+        image_ids.append(str(record.get("image_id", key)))
+        captions += texts
+    if not image_ids:
+        raise ValueError(f"no usable image-caption samples in {shards!r} (skipped: {dict(skips)})")
+    if skips:
+        logger.warning("skipped %d samples of %s: %s", sum(skips.values()), shards, dict(skips))
+    image_batches = []
+    for start in range(0, len(images), batch_size):
+        inputs = processor(images=images[start:start + batch_size])
+        image_batches.append((inputs["pixel_values"], inputs["pixel_mask"]))
+    text_batches = [processor(text=captions[start:start + batch_size])
+                    for start in range(0, len(captions), batch_size)]
+    return RetrievalSplit(image_ids=image_ids, captions=captions, text_image=torch.tensor(text_image),
+                          image_batches=image_batches, text_batches=text_batches, skipped=dict(skips))

@@ -1,0 +1,110 @@
+import math
+
+import pytest
+import torch
+from conftest import tiny_batch, tiny_config
+
+from soho.eval.retrieval import chance_recall, encode_gallery, recall_metrics, retrieve
+from soho.models.soho import SohoForPretraining
+
+NEG = float("-inf")
+
+
+def test_recall_with_several_captions_per_image_by_hand():
+    # Image 0 has captions 0, 1; image 1 has caption 2; image 2 has captions 3, 4.
+    text_image = torch.tensor([0, 0, 1, 2, 2])
+    text_to_image = torch.tensor([
+        [0.9, 0.1, 0.0],   # caption 0: its image first            -> rank 0
+        [0.2, 0.8, 0.1],   # caption 1: image 0 second             -> rank 1
+        [0.5, 0.4, 0.3],   # caption 2: image 1 second             -> rank 1
+        [0.3, 0.2, 0.1],   # caption 3: image 2 last               -> rank 2
+        [0.0, 0.1, 0.7],   # caption 4: first                      -> rank 0
+    ])
+    image_to_text = torch.tensor([
+        [0.1, 0.2, 0.9, 0.8, 0.0],   # image 0: its best caption (1, 0.2) is third -> rank 2
+        [0.5, 0.1, 0.6, 0.2, 0.3],   # image 1: caption 2 first                   -> rank 0
+        [0.9, 0.1, 0.2, 0.3, 0.8],   # image 2: caption 4 (0.8) second; caption 3 is a positive,
+    ])                                #          so only caption 0 is ahead       -> rank 1
+    metrics = recall_metrics(text_to_image, image_to_text, text_image, ks=(1, 2))
+    assert metrics["img_r1"] == pytest.approx(100 * 2 / 5)
+    assert metrics["img_r2"] == pytest.approx(100 * 4 / 5)
+    assert metrics["txt_r1"] == pytest.approx(100 * 1 / 3)
+    assert metrics["txt_r2"] == pytest.approx(100 * 2 / 3)
+    assert metrics["rsum"] == pytest.approx(100 * (2 / 5 + 4 / 5 + 1 / 3 + 2 / 3))
+
+
+def test_unranked_items_never_count_as_hits():
+    # A shortlist of 1 that missed: the true image is -inf, so no K finds it.
+    text_image = torch.tensor([0, 1])
+    t2i = torch.tensor([[NEG, 0.5], [NEG, 0.9]])
+    i2t = torch.tensor([[0.1, NEG], [NEG, NEG]])
+    metrics = recall_metrics(t2i, i2t, text_image, ks=(1, 10))
+    assert metrics["img_r10"] == pytest.approx(50.0)
+    assert metrics["txt_r10"] == pytest.approx(50.0)
+
+
+def test_chance_recall():
+    assert chance_recall(4, [1, 1, 1, 1], ks=(1,))["txt_r1"] == pytest.approx(25.0)
+    # Two images with 5 captions each: a random first text belongs to the image half the time.
+    assert chance_recall(2, [5, 5], ks=(1,))["txt_r1"] == pytest.approx(50.0)
+    # One image of 2 with 5 captions among 10 texts, top 2: 1 - C(5,2)/C(10,2) = 1 - 10/45.
+    assert chance_recall(2, [5, 5], ks=(2,))["txt_r2"] == pytest.approx(100 * (1 - 10 / 45))
+    assert chance_recall(100, [5] * 100, ks=(10,))["img_r10"] == pytest.approx(10.0)
+
+
+@pytest.fixture(scope="module")
+def gallery_setup():
+    torch.manual_seed(0)
+    model = SohoForPretraining(tiny_config(**{"itc.enabled": True})).eval()
+    batch = tiny_batch(num_images=5, captions_per_image=2, seed=3)
+    pixels, masks = batch["pixel_values"], batch["pixel_mask"]
+    images = [(pixels[:3], masks[:3]), (pixels[3:], masks[3:])]
+    # Two text batches of different lengths: the gallery pads them to one length.
+    texts = [{"input_ids": batch["input_ids"][:6], "attention_mask": batch["attention_mask"][:6]},
+             {"input_ids": batch["input_ids"][6:, :7], "attention_mask": batch["attention_mask"][6:, :7]}]
+    gallery = encode_gallery(model, images, texts, batch["image_index"])
+    return model, batch, gallery
+
+
+def test_itm_all_with_cached_images_matches_scoring_each_pair(gallery_setup):
+    model, batch, gallery = gallery_setup
+    result = retrieve(model, gallery, "itm_all", batch_size=7)
+    assert result.cost["fusion_passes"] == 10 * 5
+    lengths = [9] * 6 + [7] * 4
+    for text in (0, 1, 7):
+        for image in range(5):
+            ids = batch["input_ids"][text:text + 1, :lengths[text]]
+            mask = batch["attention_mask"][text:text + 1, :lengths[text]]
+            probability = model.score(batch["pixel_values"][image:image + 1], ids, mask,
+                                      pixel_mask=batch["pixel_mask"][image:image + 1])
+            assert torch.sigmoid(result.text_to_image[text, image]).item() == pytest.approx(probability.item(),
+                                                                                           abs=1e-5)
+
+
+def test_protocols_agree_when_the_shortlist_covers_the_gallery(gallery_setup):
+    model, batch, gallery = gallery_setup
+    full = retrieve(model, gallery, "itm_all")
+    reranked = retrieve(model, gallery, "itc_itm", k=5)
+    torch.testing.assert_close(reranked.text_to_image, full.text_to_image, atol=1e-5, rtol=0)
+    # Text retrieval re-ranks all 10 texts only when k covers them.
+    reranked = retrieve(model, gallery, "itc_itm", k=10)
+    torch.testing.assert_close(reranked.image_to_text, full.image_to_text, atol=1e-5, rtol=0)
+    assert reranked.metrics == pytest.approx(full.metrics)
+    assert reranked.cost["fusion_passes"] == 10 * 5 + 5 * 10
+
+    itc = retrieve(model, gallery, "itc", k=10)
+    cosine = gallery.text_embeds @ gallery.image_embeds.t()
+    torch.testing.assert_close(itc.text_to_image, cosine, atol=1e-5, rtol=0)
+    torch.testing.assert_close(itc.image_to_text, cosine.t(), atol=1e-5, rtol=0)
+    assert itc.cost["fusion_passes"] == 0
+
+
+def test_itc_protocols_need_an_itc_model():
+    model = SohoForPretraining(tiny_config()).eval()
+    batch = tiny_batch(num_images=2, captions_per_image=1)
+    gallery = encode_gallery(model, [(batch["pixel_values"], batch["pixel_mask"])],
+                             [{"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}],
+                             batch["image_index"])
+    with pytest.raises(ValueError, match="itc.enabled"):
+        retrieve(model, gallery, "itc")
+    assert math.isfinite(retrieve(model, gallery, "itm_all").metrics["rsum"])
