@@ -1,5 +1,6 @@
 import io
 import json
+import math
 import subprocess
 import sys
 import tarfile
@@ -140,7 +141,9 @@ def read_metrics(path):
 
 def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
     full = pretrain(run_config(world, tmp_path / "full"))
-    assert full["step"] == 6 and "eval" in full
+    assert full["step"] == 6
+    for name in ("itm_acc", "mlm_acc", "mvm_acc"):
+        assert 0 <= full["eval"]["chance_" + name] <= 1 and 0 <= full["eval"][name] <= 1
     steps = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full") if "loss" in r}
     checkpoint = tmp_path / "full" / "checkpoints" / "step_3"
     assert (checkpoint / "pretrained" / "model.safetensors").is_file()
@@ -188,4 +191,27 @@ def test_two_process_accelerate_launch(world, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(tmp_path / "ddp")
     assert records[-1]["final"] and records[-1]["step"] == 3
+    # Both ranks evaluated their half of the held-out split and the means were merged.
+    assert records[-1]["eval"]["batches"] == 2 * 2 and "chance_mvm_acc" in records[-1]["eval"]
     assert (tmp_path / "ddp" / "checkpoints" / "step_3" / "data_state_rank1.json").is_file()
+
+
+def test_trackers_and_bf16_autocast_on_cpu(world, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    # Earlier runs in this process fixed Accelerate's process-wide precision to "no".
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state()
+    config = run_config(world, tmp_path / "tracked", max_steps=2, save_every=100, mixed_precision="bf16",
+                        trackers=["tensorboard", "wandb"])
+    try:
+        final = pretrain(config)
+    finally:
+        AcceleratorState._reset_state()
+    assert math.isfinite(final["eval"]["mlm"]) and math.isfinite(final["eval"]["itm"])
+    assert list((tmp_path / "tracked").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert offline_runs and list(offline_runs[0].glob("*.wandb")), "no offline wandb run"

@@ -150,6 +150,9 @@ class PretrainingOutput:
     """Each unweighted loss (mlm, itm, mvm, itc)."""
     metrics: Dict[str, Tensor]
     """Detached accuracies and dictionary usage, for logging."""
+    labels: Dict[str, Tensor] = field(default_factory=dict)
+    """The labels each accuracy was measured on (itm: matched or not, mlm: masked tokens,
+    mvm: dictionary entries of masked cells), for chance levels and analysis."""
 
 
 def masked_mean(states: Tensor, mask: Tensor) -> Tensor:
@@ -298,6 +301,7 @@ class SohoForPretraining(SohoPreTrainedModel):
         itm_labels = matched.long()
         losses["itm"] = itm_loss(itm_logits, itm_labels)
         metrics["itm_acc"] = accuracy(itm_logits.detach(), itm_labels)
+        labels_of = {"itm": itm_labels}
 
         if mlm_labels is not None and config.loss_weights.mlm > 0:
             labels = mlm_labels.masked_fill(~matched[:, None], IGNORE_INDEX)
@@ -305,6 +309,7 @@ class SohoForPretraining(SohoPreTrainedModel):
             logits = self.mlm_head(out.text_states[picked], self.soho.text_embeddings.word_embeddings.weight)
             losses["mlm"] = mlm_loss(logits, labels[picked])
             metrics["mlm_acc"] = accuracy(logits.detach(), labels[picked])
+            labels_of["mlm"] = labels[picked]
 
         if mvm_on:
             cells = masked_cells.flatten(1)[partners] & matched[:, None]
@@ -312,8 +317,10 @@ class SohoForPretraining(SohoPreTrainedModel):
             logits = self.mvm_head(out.image_states[cells], self.soho.visual_dictionary.embedding)
             losses["mvm"] = mvm_loss(logits, targets)
             metrics["mvm_acc"] = accuracy(logits.detach(), targets)
+            labels_of["mvm"] = targets
             metrics["mvm_masked_cells"] = cells.sum().float()
 
         weights = config.loss_weights
         total = sum(getattr(weights, name) * value for name, value in losses.items())
-        return PretrainingOutput(loss=total, losses=losses, metrics={k: v.detach() for k, v in metrics.items()})
+        return PretrainingOutput(loss=total, losses=losses, metrics={k: v.detach() for k, v in metrics.items()},
+                                 labels={k: v.detach() for k, v in labels_of.items()})

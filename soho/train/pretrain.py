@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -104,10 +104,12 @@ def _to_device(batch: Dict, device: torch.device) -> Dict[str, torch.Tensor]:
 def evaluate(model: nn.Module, config: PretrainConfig, tokenizer, accelerator: Accelerator) -> Dict[str, float]:
     """Mean losses and accuracies on held-out shards, with fixed ITM swaps and MVM masks.
 
-    Each rank evaluates its own disjoint slice; means are weighted by batch and averaged
-    over ranks. Chance levels are reported beside them: ITM 0.5 (half the pairs are
-    swapped), MLM the share of the most frequent masked token, MVM one over the
-    dictionary entries in use.
+    Each rank evaluates its own disjoint slice; every value is averaged over the
+    batches where it is defined (MVM needs masked cells), over all ranks. Each accuracy
+    comes with its chance level, ``chance_<name>``: the accuracy of always answering
+    the most frequent label of the evaluated set (matched/mismatched for ITM, the
+    commonest masked token for MLM, the commonest dictionary entry of the masked
+    cells for MVM), which is what a model that ignores its input can reach.
     """
     eval_data = dataclasses.replace(config.data, shards=config.train.eval_shards, shuffle_buffer=0)
     dataset = PretrainingDataset(eval_data, tokenizer, config.train.batch_size, seed=config.train.seed,
@@ -115,7 +117,12 @@ def evaluate(model: nn.Module, config: PretrainConfig, tokenizer, accelerator: A
     was_training = model.training
     model.eval()
     sums: Dict[str, float] = defaultdict(float)
-    label_counts: Dict[int, int] = defaultdict(int)
+    counts: Dict[str, int] = defaultdict(int)
+    unwrapped = accelerator.unwrap_model(model)
+    num_classes = {"itm": 2, "mlm": unwrapped.config.encoder.vocab_size,
+                   "mvm": unwrapped.config.visual_dictionary.size}
+    histograms = {task: torch.zeros(n, dtype=torch.float64, device=accelerator.device)
+                  for task, n in num_classes.items()}
     batches = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed + accelerator.process_index)
@@ -125,22 +132,26 @@ def evaluate(model: nn.Module, config: PretrainConfig, tokenizer, accelerator: A
             with accelerator.autocast():
                 out = model(**_to_device(batch, accelerator.device))
             for name, value in {**out.losses, **out.metrics}.items():
-                sums[name] += float(value)
-            for token in batch["mlm_labels"][batch["mlm_labels"] >= 0].tolist():
-                label_counts[token] += 1
+                value = float(value)
+                if not math.isnan(value):
+                    sums[name] += value
+                    counts[name] += 1
+            for task, labels in out.labels.items():
+                histograms[task] += torch.bincount(labels, minlength=num_classes[task]).to(torch.float64)
             batches += 1
     model.train(was_training)
-    totals = torch.tensor([sums[k] for k in sorted(sums)] + [batches], device=accelerator.device, dtype=torch.float64)
+    # Every rank must send the same keys in the same order, also one that saw no batch.
+    names = sorted(set(gather_object(sorted(sums))))
+    totals = torch.tensor([[sums.get(k, 0.0), counts.get(k, 0)] for k in names] + [[batches, 0]],
+                          device=accelerator.device, dtype=torch.float64)
     totals = accelerator.reduce(totals, reduction="sum")
-    results = {k: (totals[i] / totals[-1]).item() for i, k in enumerate(sorted(sums))}
-    results["batches"] = int(totals[-1].item())
-    labels = sum(label_counts.values())
-    unwrapped = accelerator.unwrap_model(model)
-    results["chance_itm_acc"] = 0.5
-    results["chance_mlm_acc"] = max(label_counts.values()) / labels if labels else float("nan")
-    if unwrapped.soho.visual_dictionary is not None:
-        live = results.get("vd_live_fraction", 1.0) * unwrapped.config.visual_dictionary.size
-        results["chance_mvm_acc"] = 1.0 / max(1.0, live)
+    results = {name: (totals[i, 0] / totals[i, 1]).item() if totals[i, 1] > 0 else float("nan")
+               for i, name in enumerate(names)}
+    results["batches"] = int(totals[-1, 0].item())
+    for task, histogram in histograms.items():
+        histogram = accelerator.reduce(histogram, reduction="sum")
+        if histogram.sum() > 0:
+            results[f"chance_{task}_acc"] = (histogram.max() / histogram.sum()).item()
     return results
 
 
@@ -249,8 +260,13 @@ def pretrain(config: PretrainConfig) -> Dict[str, float]:
             for optimizer in optimizers:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        for name, value in {"loss": out.loss, **out.losses, **out.metrics}.items():
+        for name, value in {"loss": out.loss, **out.losses}.items():
             window[name].append(float(value.detach()))
+        for name, value in out.metrics.items():
+            # An accuracy is undefined on a step without its labels (no masked cell for MVM):
+            # it is averaged over the steps where it is defined. Losses are never skipped.
+            if not torch.isnan(value):
+                window[name].append(float(value))
         pairs_in_window += batch["input_ids"].shape[0]
         images_in_window += batch["pixel_values"].shape[0]
         if not accelerator.sync_gradients:
@@ -265,7 +281,7 @@ def pretrain(config: PretrainConfig) -> Dict[str, float]:
             counts = accelerator.reduce(torch.tensor([skipped_total, samples_total], device=accelerator.device),
                                         reduction="sum")
             skip_fraction = counts[0].item() / max(1, counts[1].item())
-            record = {"step": step, **{k: sum(v) / len(v) for k, v in window.items() if v and not math.isnan(sum(v))},
+            record = {"step": step, **{k: sum(v) / len(v) for k, v in window.items() if v},
                       "lr": schedulers[0].get_last_lr()[0],
                       "pairs_per_second": pairs_in_window * accelerator.num_processes / elapsed,
                       "images_per_second": images_in_window * accelerator.num_processes / elapsed,
