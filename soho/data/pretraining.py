@@ -11,7 +11,7 @@ import json
 import random
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
@@ -82,6 +82,15 @@ def decode_json(sample: Sample) -> Dict[str, Any]:
     if not isinstance(record, dict):
         raise SampleError("bad_json", "top level is not an object")
     return record
+
+
+def decode_captioned_image(sample: Sample) -> Tuple[Dict[str, Any], List[str], Image.Image]:
+    """The JSON record, its non-empty ``captions`` and the decoded image of an image-caption sample."""
+    record = decode_json(sample)
+    texts = record.get("captions")
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+        raise SampleError("missing_captions", f"captions={texts!r}")
+    return record, texts, decode_image(sample)
 
 
 def stable_id(text: str) -> int:
@@ -167,11 +176,8 @@ class PretrainingDataset(IterableDataset):
             position += 1
             key = sample.get("__key__", "?")
             try:
-                record = decode_json(sample)
-                texts = record.get("captions")
-                if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
-                    raise SampleError("missing_captions", f"captions={texts!r}")
-                image = self.transform(decode_image(sample))
+                record, texts, image = decode_captioned_image(sample)
+                image = self.transform(image)
             except SampleError as error:
                 skips.skip(error.reason, f"{sample.get('__url__', '')}:{key}", error)
                 continue

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from soho.data.pretraining import SampleError, decode_image, decode_json
+from soho.data.pretraining import SampleError, decode_captioned_image
 from soho.data.shards import SkipCounter, expand_urls, stream_samples
 from soho.processing import SohoProcessor
 
@@ -45,14 +45,11 @@ def read_retrieval_split(shards: Union[str, List[str]], processor: SohoProcessor
             break
         key = sample.get("__key__", "?")
         try:
-            record = decode_json(sample)
-            texts = record.get("captions")
-            if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
-                raise SampleError("missing_captions", f"captions={texts!r}")
-            images.append(decode_image(sample))
+            record, texts, image = decode_captioned_image(sample)
         except SampleError as error:
             skips.skip(error.reason, f"{sample.get('__url__', '')}:{key}", error)
             continue
+        images.append(image)
         text_image += [len(image_ids)] * len(texts)
         image_ids.append(str(record.get("image_id", key)))
         captions += texts
