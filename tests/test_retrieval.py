@@ -108,3 +108,23 @@ def test_itc_protocols_need_an_itc_model():
     with pytest.raises(ValueError, match="itc.enabled"):
         retrieve(model, gallery, "itc")
     assert math.isfinite(retrieve(model, gallery, "itm_all").metrics["rsum"])
+
+
+def test_read_split_keeps_every_caption_and_counts_broken_samples(tmp_path):
+    from test_pretraining import COLOURS, write_world
+
+    from soho.data.retrieval import read_retrieval_split
+    from soho.processing import ImageTransformConfig, SohoProcessor
+    from soho.tokenizer import train_wordpiece_tokenizer
+
+    write_world(tmp_path / "split", num_shards=1, per_shard=5, broken=True)
+    tokenizer = train_wordpiece_tokenizer([f"a {c} picture the image is {c} something" for c in COLOURS] * 5,
+                                          tmp_path / "tokenizer", vocab_size=100)
+    processor = SohoProcessor(tokenizer, ImageTransformConfig(min_size=32, max_size=32, size_divisor=8), 12)
+    split = read_retrieval_split(str(tmp_path / "split"), processor, batch_size=2)
+    assert len(split.image_ids) == 5 and len(split.captions) == 15
+    assert split.text_image.tolist() == [i for i in range(5) for _ in range(3)]
+    assert [b[0].shape[0] for b in split.image_batches] == [2, 2, 1]
+    assert sum(b["input_ids"].shape[0] for b in split.text_batches) == 15
+    assert split.skipped == {"corrupt_image": 1, "bad_json": 1, "missing_image": 1}
+    assert len(read_retrieval_split(str(tmp_path / "split"), processor, max_images=3).image_ids) == 3
