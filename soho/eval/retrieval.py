@@ -61,9 +61,9 @@ def recall_metrics(text_to_image: Tensor, image_to_text: Tensor, text_image: Ten
     i2t = image_to_text_ranks(image_to_text, text_image)
     metrics: Dict[str, float] = {}
     for k in ks:
-        metrics[f"txt_r{k}"] = 100.0 * (i2t < k).float().mean().item()
+        metrics[f"txt_r{k}"] = 100.0 * (i2t < k).double().mean().item()
     for k in ks:
-        metrics[f"img_r{k}"] = 100.0 * (t2i < k).float().mean().item()
+        metrics[f"img_r{k}"] = 100.0 * (t2i < k).double().mean().item()
     metrics["rsum"] = sum(metrics.values())
     return metrics
 
