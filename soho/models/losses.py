@@ -80,4 +80,3 @@ def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     if not labelled.any():
         return torch.tensor(float("nan"), device=logits.device)
     return (predictions[labelled] == labels[labelled]).float().mean()
-

@@ -100,6 +100,18 @@ def _to_device(batch: Dict, device: torch.device) -> Dict[str, torch.Tensor]:
     return {k: batch[k].to(device, non_blocking=True) for k in TENSOR_KEYS if k in batch}
 
 
+def logged_values(out) -> Dict[str, float]:
+    """Losses and metrics of one step as floats.
+
+    An accuracy is undefined (NaN) on a step without its labels, e.g. no masked cell
+    for MVM; it is left out so means run over the steps where it is defined. Losses
+    are always kept, so a diverged run shows NaN.
+    """
+    values = {name: float(value.detach()) for name, value in {"loss": out.loss, **out.losses}.items()}
+    values.update({name: float(value) for name, value in out.metrics.items() if not torch.isnan(value)})
+    return values
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, config: PretrainConfig, tokenizer, accelerator: Accelerator) -> Dict[str, float]:
     """Mean losses and accuracies on held-out shards, with fixed ITM swaps and MVM masks.
@@ -131,11 +143,9 @@ def evaluate(model: nn.Module, config: PretrainConfig, tokenizer, accelerator: A
                 break
             with accelerator.autocast():
                 out = model(**_to_device(batch, accelerator.device))
-            for name, value in {**out.losses, **out.metrics}.items():
-                value = float(value)
-                if not math.isnan(value):
-                    sums[name] += value
-                    counts[name] += 1
+            for name, value in logged_values(out).items():
+                sums[name] += value
+                counts[name] += 1
             for task, labels in out.labels.items():
                 histograms[task] += torch.bincount(labels, minlength=num_classes[task]).to(torch.float64)
             batches += 1
@@ -260,13 +270,8 @@ def pretrain(config: PretrainConfig) -> Dict[str, float]:
             for optimizer in optimizers:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        for name, value in {"loss": out.loss, **out.losses}.items():
-            window[name].append(float(value.detach()))
-        for name, value in out.metrics.items():
-            # An accuracy is undefined on a step without its labels (no masked cell for MVM):
-            # it is averaged over the steps where it is defined. Losses are never skipped.
-            if not torch.isnan(value):
-                window[name].append(float(value))
+        for name, value in logged_values(out).items():
+            window[name].append(value)
         pairs_in_window += batch["input_ids"].shape[0]
         images_in_window += batch["pixel_values"].shape[0]
         if not accelerator.sync_gradients:
