@@ -1,7 +1,7 @@
 import torch
 
 from soho.models.losses import IGNORE_INDEX
-from soho.models.masking import mask_tokens, sample_mvm_mask
+from soho.models.masking import mask_tokens, sample_mvm_mask, visible_entries
 
 CLS, SEP, PAD, MASK = 2, 3, 0, 4
 
@@ -69,3 +69,20 @@ def test_mvm_probability_zero_and_empty_images():
     valid[1] = False
     masked = sample_mvm_mask(indices, valid, 1.0)
     assert not masked[1].any() and masked[0].all() and masked[2].all()
+
+
+def test_visible_entries_never_contain_a_masked_cells_entry():
+    indices = torch.tensor([[[1, 2, 1], [3, 1, 2]],
+                            [[5, 5, 6], [6, 5, 7]]])
+    valid = torch.ones(2, 2, 3, dtype=torch.bool)
+    valid[1, 1, 2] = False  # entry 7 sits only in padding: not visible
+    masked = torch.zeros(2, 2, 3, dtype=torch.bool)
+    masked[0] = indices[0] == 1
+    visible = visible_entries(indices, valid, masked, num_entries=8)
+    assert visible[0].nonzero().flatten().tolist() == [2, 3]
+    assert visible[1].nonzero().flatten().tolist() == [5, 6]
+    for seed in range(10):
+        masked = sample_mvm_mask(indices, valid, 1.0, generator=torch.Generator().manual_seed(seed))
+        visible = visible_entries(indices, valid, masked, num_entries=8)
+        for image in range(2):
+            assert not visible[image, indices[image][masked[image]]].any()

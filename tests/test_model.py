@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -185,3 +186,24 @@ def test_library_round_trip_with_processor(tmp_path):
     torch.testing.assert_close(probs, model.score(**processor(images=images, text=["a red circle",
                                                                                     "two blue squares"])))
     assert probs.shape == (2,)
+
+
+def test_mvm_classifier_head_and_ruling_out_visible_entries():
+    torch.manual_seed(0)
+    config = tiny_config(**{"mvm.score": "classifier", "mvm.exclude_visible": True})
+    model = SohoForPretraining(config)
+    assert model.mvm_head.decoder.out_features == config.visual_dictionary.size
+    losses, twins = {}, {}
+    for exclude in (True, False):
+        twin = twins[exclude] = copy.deepcopy(model).train()
+        twin.config.mvm.exclude_visible = exclude
+        torch.manual_seed(1)
+        out = twin(**tiny_batch())
+        losses[exclude] = out.losses["mvm"]
+        assert out.labels["mvm"].numel() > 0
+    # Same masks and logits; ruling out entries that cannot be the answer only lowers the loss.
+    assert losses[True].item() < losses[False].item()
+    losses[True].backward()
+    assert twins[True].mvm_head.decoder.weight.grad.abs().sum() > 0
+    with pytest.raises(Exception, match="mvm.score"):
+        tiny_config(**{"mvm.score": "dot"})

@@ -2,6 +2,12 @@
 
     python tools/benchmark.py model --config configs/pretrain/synthetic.yaml --batch-size 8
     python tools/benchmark.py params --config configs/pretrain/coco_vg_r101.yaml
+    python tools/benchmark.py dictionary --checkpoint runs/synthetic/pretrained \
+        --reference runs/synthetic/checkpoints/step_500/pretrained
+
+``dictionary`` measures a trained checkpoint's visual dictionary on held-out images
+(entry geometry, assignment stability, MVM accuracy against baselines; see
+soho/analysis/dictionary.py).
 
 Prints a table and writes JSON (--json PATH).
 """
@@ -74,25 +80,49 @@ def time_training_step(config: PretrainConfig, batch_size: int, steps: int, warm
             "threads": torch.get_num_threads()}
 
 
+def dictionary(args, config: PretrainConfig) -> dict:
+    import dataclasses
+
+    from soho.analysis.dictionary import dictionary_report
+    from soho.data.pretraining import PretrainingDataset
+    from soho.processing import SohoProcessor
+
+    model = SohoForPretraining.from_pretrained(args.checkpoint)
+    reference = SohoForPretraining.from_pretrained(args.reference) if args.reference else None
+    processor = SohoProcessor.from_pretrained(args.checkpoint)
+    data = dataclasses.replace(config.data, shards=args.shards, shuffle_buffer=0, image=processor.image_config,
+                               max_text_length=processor.max_text_length)
+    stream = PretrainingDataset(data, processor.tokenizer, args.batch_size, seed=0, repeat=False)
+    batches = (batch for _, batch in zip(range(args.batches), stream))
+    return dictionary_report(model, batches, reference)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["model", "params"])
+    parser.add_argument("what", choices=["model", "params", "dictionary"])
     parser.add_argument("--config", default="configs/pretrain/synthetic.yaml")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--checkpoint", default="runs/synthetic/pretrained", help="dictionary: the model to measure")
+    parser.add_argument("--reference", default=None, help="dictionary: an earlier checkpoint of the same run")
+    parser.add_argument("--shards", default="data/synthetic/retrieval_val", help="dictionary: held-out images")
+    parser.add_argument("--batches", type=int, default=16, help="dictionary: batches of --batch-size images")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     config = load_config(PretrainConfig, args.config, args.overrides)
-    result = {"config": args.config, "parameters": parameter_counts(SohoForPretraining(config.model))}
+    if args.what == "dictionary":
+        result = {"checkpoint": args.checkpoint, "dictionary": dictionary(args, config)}
+    else:
+        result = {"config": args.config, "parameters": parameter_counts(SohoForPretraining(config.model))}
     if args.what == "model":
         result["training_step"] = time_training_step(config, args.batch_size, args.steps, args.warmup)
     for section, values in result.items():
         if isinstance(values, dict):
             print(f"## {section}")
             for key, value in values.items():
-                print(f"  {key:28s} {value:,.2f}" if isinstance(value, float) else f"  {key:28s} {value:,}")
+                print(f"  {key:34s} {value:,.3f}" if isinstance(value, float) else f"  {key:34s} {value:,}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -15,10 +15,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
 from soho.config import ConfigError
-from soho.data.shards import Sample, SkipCounter, expand_urls, shuffle, stream_samples
+from soho.data.shards import Sample, SkipCounter, expand_urls, worker_stream
 from soho.models.masking import mask_tokens
 from soho.processing import ImageTransform, ImageTransformConfig, pad_images
 
@@ -158,13 +158,9 @@ class PretrainingDataset(IterableDataset):
         self.start_positions = dict(start_positions or {})
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        reader_seed = hash((self.seed, self.rank, worker))
-        skips = SkipCounter()
-        samples = stream_samples(self.urls, self.seed, self.rank, self.world_size, worker, num_workers, skips,
-                                 repeat=self.repeat, resampled=self.config.resampled)
-        samples = shuffle(samples, self.config.shuffle_buffer, reader_seed)
+        samples, skips, worker, reader_seed = worker_stream(self.urls, self.seed, self.rank, self.world_size,
+                                                            self.repeat, self.config.shuffle_buffer,
+                                                            self.config.resampled)
         position = 0
         for _ in range(self.start_positions.get(worker, 0)):
             if next(samples, None) is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Sequence, Tuple, Union
 
 from braceexpand import braceexpand
+from torch.utils.data import get_worker_info
 
 logger = logging.getLogger(__name__)
 
@@ -138,3 +139,19 @@ def shuffle(samples: Iterable[Sample], buffer_size: int, seed: int) -> Iterator[
         yield sample
     rng.shuffle(buffer)
     yield from buffer
+
+
+def worker_stream(urls: Sequence[str], seed: int, rank: int, world_size: int, repeat: bool, shuffle_buffer: int,
+                  resampled: bool = False) -> Tuple[Iterator[Sample], SkipCounter, int, int]:
+    """The shuffled raw samples of the calling DataLoader worker (or of the main process).
+
+    Returns the stream, its skip counter, the worker id and the reader's seed (for any
+    other randomness that must be reproducible per reader).
+    """
+    info = get_worker_info()
+    worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    reader_seed = hash((seed, rank, worker))
+    skips = SkipCounter()
+    samples = stream_samples(urls, seed, rank, world_size, worker, num_workers, skips, repeat=repeat,
+                             resampled=resampled)
+    return shuffle(samples, shuffle_buffer, reader_seed), skips, worker, reader_seed

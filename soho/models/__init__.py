@@ -2,9 +2,11 @@ from soho.models.config import (AttentionConfig, BackboneConfig, EncoderConfig, 
                                 MVMConfig, SohoConfig, VisualDictionaryConfig)
 from soho.models.pretrained import SohoPreTrainedModel, read_config
 from soho.models.soho import PretrainingOutput, SohoForPretraining, SohoModel, SohoOutput, VisualGrid
+from soho.models.tasks import TASK_MODELS, ClassificationOutput, SohoForNLVR2, SohoForVisualEntailment, SohoForVQA
 
 __all__ = [
     "AttentionConfig", "BackboneConfig", "EncoderConfig", "ITCConfig", "ITMConfig", "LossWeights", "MVMConfig",
     "SohoConfig", "VisualDictionaryConfig", "SohoPreTrainedModel", "read_config", "PretrainingOutput",
-    "SohoForPretraining", "SohoModel", "SohoOutput", "VisualGrid",
+    "SohoForPretraining", "SohoModel", "SohoOutput", "VisualGrid", "TASK_MODELS", "ClassificationOutput",
+    "SohoForNLVR2", "SohoForVisualEntailment", "SohoForVQA",
 ]

@@ -6,7 +6,7 @@ BERT ``config.json`` maps onto it directly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import List, Literal, Optional
 
 from soho.config import ConfigError
 
@@ -114,16 +114,29 @@ class EncoderConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+MVM_SCORES = ("classifier", "cosine")
+
+
 @dataclass
 class MVMConfig:
     probability: float = 0.3
     """Chance that an image gets masked cells (the release masks ~1.5 % of samples)."""
+    score: str = "cosine"
+    """How a masked cell's output becomes logits over the entries: ``cosine``, the release's
+    cosine similarity to each entry, or ``classifier``, a learned linear layer. Cosine barely
+    tells apart entries that differ mostly in norm, as small trained grids' entries do
+    (docs/BENCHMARKS.md)."""
     temperature: float = 0.1
-    """Logits are cosine similarities to the dictionary entries divided by this."""
+    """``cosine`` only: logits are cosine similarities divided by this."""
+    exclude_visible: bool = False
+    """Rule out the entries of the image's unmasked cells: masking takes every cell of the
+    picked entry, so the answer is never among them (the release scores all entries)."""
 
     def __post_init__(self):
         if not 0.0 <= self.probability <= 1.0:
             raise ConfigError(f"mvm.probability must be in [0, 1], got {self.probability}")
+        if self.score not in MVM_SCORES:
+            raise ConfigError(f"mvm.score must be one of {', '.join(MVM_SCORES)}, got {self.score!r}")
         if self.temperature <= 0:
             raise ConfigError(f"mvm.temperature must be > 0, got {self.temperature}")
 
@@ -173,6 +186,9 @@ class SohoConfig:
     itm: ITMConfig = field(default_factory=ITMConfig)
     itc: ITCConfig = field(default_factory=ITCConfig)
     loss_weights: LossWeights = field(default_factory=LossWeights)
+    labels: List[str] = field(default_factory=list)
+    """Class names of a task head, in logit order (VE's three labels, VQA's answer
+    vocabulary); saved with the checkpoint so predictions map back to strings."""
 
     def __post_init__(self):
         if self.itm.hard_negatives and not self.itc.enabled:

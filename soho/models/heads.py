@@ -27,21 +27,31 @@ class MLMHead(nn.Module):
 
 
 class MVMHead(nn.Module):
-    """Scores each visual token against every dictionary entry: cosine similarity / temperature."""
+    """Predicts the dictionary entry of masked cells: logits (N, K) over the K entries.
 
-    def __init__(self, hidden_size: int, temperature: float, hidden_act: str = "gelu",
-                 layer_norm_eps: float = 1e-12):
+    ``cosine``: the release's cosine similarity to each entry, divided by a temperature.
+    ``classifier``: a learned linear layer over the entries, as BEiT predicts tokenizer
+    codes. Trained grids' entries can point in nearly the same direction as their
+    neighbours and differ mostly in norm; cosine logits then barely tell them apart.
+    """
+
+    def __init__(self, hidden_size: int, num_entries: int, score: str = "cosine", temperature: float = 0.1,
+                 hidden_act: str = "gelu", layer_norm_eps: float = 1e-12):
         super().__init__()
         self.transform = nn.Linear(hidden_size, hidden_size)
         self.activation = ACTIVATIONS[hidden_act]
         self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.score = score
         self.temperature = temperature
+        self.decoder = nn.Linear(hidden_size, num_entries) if score == "classifier" else None
 
     def forward(self, states: Tensor, dictionary: Tensor) -> Tensor:
         """states (N, D), dictionary (K, D) -> logits (N, K)."""
-        hidden = F.normalize(self.norm(self.activation(self.transform(states))).float(), dim=-1)
+        hidden = self.norm(self.activation(self.transform(states)))
+        if self.decoder is not None:
+            return self.decoder(hidden)
         entries = F.normalize(dictionary.float(), dim=-1)
-        return hidden @ entries.t() / self.temperature
+        return F.normalize(hidden.float(), dim=-1) @ entries.t() / self.temperature
 
 
 class ClassifierHead(nn.Module):

@@ -67,3 +67,17 @@ def sample_mvm_mask(
     anchor_entry = flat_indices.gather(1, anchor[:, None])
     masked = (flat_indices == anchor_entry) & flat_valid & picked[:, None] & flat_valid.any(1, keepdim=True)
     return masked.view_as(valid)
+
+
+def visible_entries(indices: Tensor, valid: Tensor, masked: Tensor, num_entries: int) -> Tensor:
+    """(B, K) bool: which dictionary entries occur among each image's valid, unmasked cells.
+
+    :func:`sample_mvm_mask` masks every cell of the picked entry, so a masked cell's entry
+    is never one of these: MVM can rule them out.
+    """
+    batch = indices.shape[0]
+    shown = valid.reshape(batch, -1).bool() & ~masked.reshape(batch, -1)
+    # Cells that are not shown write into a spare column K, which is then dropped.
+    slots = indices.reshape(batch, -1).masked_fill(~shown, num_entries)
+    table = torch.zeros(batch, num_entries + 1, dtype=torch.bool, device=indices.device)
+    return table.scatter_(1, slots, True)[:, :num_entries]

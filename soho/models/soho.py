@@ -13,7 +13,7 @@ from soho.models.config import SohoConfig
 from soho.models.encoder import Encoder, EncoderOutput, Pooler, TextEmbeddings
 from soho.models.heads import ClassifierHead, ContrastiveProjection, MLMHead, MVMHead
 from soho.models.losses import IGNORE_INDEX, accuracy, itc_loss, itm_loss, mlm_loss, mvm_loss
-from soho.models.masking import sample_mvm_mask
+from soho.models.masking import sample_mvm_mask, visible_entries
 from soho.models.pretrained import SohoPreTrainedModel
 from soho.models.visual_dictionary import VisualDictionary
 from soho.models.visual_tokens import VisualEmbeddings, grid_mask
@@ -153,6 +153,9 @@ class PretrainingOutput:
     labels: Dict[str, Tensor] = field(default_factory=dict)
     """The labels each accuracy was measured on (itm: matched or not, mlm: masked tokens,
     mvm: dictionary entries of masked cells), for chance levels and analysis."""
+    mvm_visible: Optional[Tensor] = None
+    """(masked cells, K) bool: the entries of the unmasked cells of each masked cell's image,
+    which SOHO's masking rules out as answers."""
 
 
 def masked_mean(states: Tensor, mask: Tensor) -> Tensor:
@@ -172,8 +175,8 @@ class SohoForPretraining(SohoPreTrainedModel):
         self.itm_head = ClassifierHead(encoder.hidden_size, 2)
         heads = [self.mlm_head, self.itm_head]
         if config.use_visual_dictionary:
-            self.mvm_head = MVMHead(encoder.hidden_size, config.mvm.temperature, encoder.hidden_act,
-                                    encoder.layer_norm_eps)
+            self.mvm_head = MVMHead(encoder.hidden_size, config.visual_dictionary.size, config.mvm.score,
+                                    config.mvm.temperature, encoder.hidden_act, encoder.layer_norm_eps)
             heads.append(self.mvm_head)
         if config.itc.enabled:
             self.itc_head = ContrastiveProjection(encoder.hidden_size, config.itc.embed_dim, config.itc.temperature)
@@ -288,7 +291,7 @@ class SohoForPretraining(SohoPreTrainedModel):
                                       t2i_logits if config.itm.hard_negatives else None)
         matched = image_ids[partners] == image_ids[image_index]
 
-        masked_cells = None
+        masked_cells = mvm_visible = None
         mvm_on = self.soho.visual_dictionary is not None and config.loss_weights.mvm > 0
         if mvm_on:
             masked_cells = sample_mvm_mask(grid.indices, grid.mask, config.mvm.probability)
@@ -315,12 +318,17 @@ class SohoForPretraining(SohoPreTrainedModel):
             cells = masked_cells.flatten(1)[partners] & matched[:, None]
             targets = grid.indices.flatten(1)[partners][cells]
             logits = self.mvm_head(out.image_states[cells], self.soho.visual_dictionary.embedding)
+            pairs = cells.nonzero(as_tuple=True)[0]
+            visible = visible_entries(grid.indices, grid.mask, masked_cells, logits.shape[1])[partners[pairs]]
+            if config.mvm.exclude_visible:
+                logits = logits.masked_fill(visible, torch.finfo(logits.dtype).min)
             losses["mvm"] = mvm_loss(logits, targets)
             metrics["mvm_acc"] = accuracy(logits.detach(), targets)
             labels_of["mvm"] = targets
+            mvm_visible = visible
             metrics["mvm_masked_cells"] = cells.sum().float()
 
         weights = config.loss_weights
         total = sum(getattr(weights, name) * value for name, value in losses.items())
         return PretrainingOutput(loss=total, losses=losses, metrics={k: v.detach() for k, v in metrics.items()},
-                                 labels={k: v.detach() for k, v in labels_of.items()})
+                                 labels={k: v.detach() for k, v in labels_of.items()}, mvm_visible=mvm_visible)

@@ -1,8 +1,8 @@
-"""Typed configuration of a pre-training run (model, data, optimisation, loop)."""
+"""Typed configuration of pre-training and fine-tuning runs (model, data, optimisation, loop)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional, Tuple
+from typing import Dict, List, Literal, Optional, Tuple
 
 from soho.config import ConfigError
 from soho.data.pretraining import PretrainingDataConfig
@@ -92,3 +92,87 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     synthetic_root: Optional[str] = None
     """If set, the synthetic world is generated here first when it is missing."""
+
+
+@dataclass
+class InitConfig:
+    checkpoint: str = "runs/synthetic/pretrained"
+    """A ``save_pretrained`` directory: the architecture, the processor and (unless
+    ``from_scratch``) the weights to start from."""
+    from_scratch: bool = False
+    """Same architecture and processor, random weights: the baseline a pre-trained start must beat."""
+    model_overrides: List[str] = field(default_factory=list)
+    """Dotted overrides of the checkpoint's model config, e.g. ``use_visual_dictionary=false``."""
+
+
+@dataclass
+class FinetuneDataConfig:
+    train_shards: str = "data/synthetic/ve_train"
+    eval_shards: Dict[str, str] = field(default_factory=lambda: {"val": "data/synthetic/ve_val",
+                                                                 "test": "data/synthetic/ve_test"})
+    """Split name -> shards, each evaluated at the end (the first also every ``train.eval_every`` steps)."""
+    max_text_length: Optional[int] = None
+    """Default: the checkpoint processor's."""
+    shuffle_buffer: int = 1000
+    num_workers: int = 1
+    max_skip_fraction: float = 0.05
+    captions_per_image: int = 1
+    """Retrieval only: captions drawn per training image (they share one backbone pass)."""
+    answer_vocabulary_size: int = 3129
+    """VQA only: the most frequent training answers that become classes."""
+    answer_min_count: int = 1
+
+    def __post_init__(self):
+        if not self.eval_shards:
+            raise ConfigError("data.eval_shards needs at least one split to evaluate")
+        if self.num_workers < 0 or self.shuffle_buffer < 0 or self.captions_per_image < 1:
+            raise ConfigError("data.num_workers and data.shuffle_buffer must be >= 0, captions_per_image >= 1")
+        if self.answer_vocabulary_size < 1 or self.answer_min_count < 1:
+            raise ConfigError("data.answer_vocabulary_size and data.answer_min_count must be >= 1")
+
+
+@dataclass
+class RetrievalTaskConfig:
+    itc: bool = True
+    """Train with ITC too (needs a model with ITC heads)."""
+    hard_negatives: bool = False
+    """ITM negatives drawn from ITC similarities instead of uniformly."""
+    protocols: List[Literal["itm_all", "itc", "itc_itm"]] = field(default_factory=lambda: ["itc", "itc_itm"])
+    k: int = 16
+    itc_weight: float = 0.0
+    max_eval_images: Optional[int] = None
+    """Evaluate on the first N images of each split (all-pairs ITM grows with N²)."""
+
+
+@dataclass
+class FinetuneTrainConfig:
+    output_dir: str = "runs/finetune"
+    max_steps: int = 500
+    max_minutes: Optional[float] = None
+    batch_size: int = 32
+    """Examples (retrieval: images) per device per micro-step."""
+    eval_batch_size: int = 64
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = 20
+    eval_every: int = 0
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError(f"train.max_minutes must be > 0, got {self.max_minutes}")
+
+
+@dataclass
+class FinetuneConfig:
+    task: Literal["retrieval", "nlvr2", "ve", "vqa"] = "ve"
+    init: InitConfig = field(default_factory=InitConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    retrieval: RetrievalTaskConfig = field(default_factory=RetrievalTaskConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        backbone=OptimizerConfig(name="adamw", lr=5e-5, weight_decay=1e-4),
+        rest=OptimizerConfig(name="adamw", lr=5e-5, weight_decay=0.01),
+        schedule="cosine", warmup_steps=50))
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)

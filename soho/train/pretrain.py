@@ -4,13 +4,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from accelerate import Accelerator
@@ -23,45 +22,14 @@ from soho.data.pretraining import PretrainingDataset, pretraining_loader
 from soho.models.soho import SohoForPretraining
 from soho.processing import SohoProcessor
 from soho.tokenizer import load_tokenizer
-from soho.train.config import OptimConfig, OptimizerConfig, PretrainConfig
+from soho.train.config import PretrainConfig
+from soho.train.optim import build_optimizers, optimizer_step
 
 logger = logging.getLogger(__name__)
 
 TENSOR_KEYS = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids", "mlm_input_ids",
                "mlm_labels", "image_index", "image_ids")
 CHECKPOINT_PREFIX = "step_"
-
-
-def build_optimizer(params: List[Tuple[str, nn.Parameter]], config: OptimizerConfig) -> torch.optim.Optimizer:
-    """BERT convention: no weight decay on biases and normalisation weights."""
-    decay = [p for n, p in params if p.ndim > 1]
-    no_decay = [p for n, p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    if config.name == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
-
-
-def lr_factor(step: int, config: OptimConfig, max_steps: int) -> float:
-    """Multiplier of the peak learning rate after ``step`` optimizer steps."""
-    if step < config.warmup_steps:
-        start = config.warmup_start_factor
-        return start + (1.0 - start) * step / config.warmup_steps
-    if config.schedule == "step":
-        return config.decay_factor ** sum(step >= m for m in config.milestones)
-    if config.schedule == "cosine":
-        progress = min(1.0, (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps))
-        return config.min_lr_factor + (1 - config.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
-    return 1.0
-
-
-def split_parameters(model: SohoForPretraining):
-    backbone, rest = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (backbone if name.startswith("soho.backbone.cnn") else rest).append((name, param))
-    return backbone, rest
 
 
 def checkpoints(output_dir: Path) -> List[Path]:
@@ -121,7 +89,9 @@ def evaluate(model: nn.Module, config: PretrainConfig, tokenizer, accelerator: A
     comes with its chance level, ``chance_<name>``: the accuracy of always answering
     the most frequent label of the evaluated set (matched/mismatched for ITM, the
     commonest masked token for MLM, the commonest dictionary entry of the masked
-    cells for MVM), which is what a model that ignores its input can reach.
+    cells for MVM), which is what a model that ignores its input can reach. MVM also gets
+    ``chance_mvm_hidden_acc``: the commonest entry among those not visible in the image,
+    a baseline that looks only at which entries the unmasked cells have.
     """
     eval_data = dataclasses.replace(config.data, shards=config.train.eval_shards, shuffle_buffer=0)
     dataset = PretrainingDataset(eval_data, tokenizer, config.train.batch_size, seed=config.train.seed,
@@ -135,6 +105,7 @@ def evaluate(model: nn.Module, config: PretrainConfig, tokenizer, accelerator: A
                    "mvm": unwrapped.config.visual_dictionary.size}
     histograms = {task: torch.zeros(n, dtype=torch.float64, device=accelerator.device)
                   for task, n in num_classes.items()}
+    hidden_choices = []
     batches = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed + accelerator.process_index)
@@ -148,6 +119,8 @@ def evaluate(model: nn.Module, config: PretrainConfig, tokenizer, accelerator: A
                 counts[name] += 1
             for task, labels in out.labels.items():
                 histograms[task] += torch.bincount(labels, minlength=num_classes[task]).to(torch.float64)
+            if out.mvm_visible is not None:
+                hidden_choices.append((out.labels["mvm"], out.mvm_visible))
             batches += 1
     model.train(was_training)
     # Every rank must send the same keys in the same order, also one that saw no batch.
@@ -162,6 +135,15 @@ def evaluate(model: nn.Module, config: PretrainConfig, tokenizer, accelerator: A
         histogram = accelerator.reduce(histogram, reduction="sum")
         if histogram.sum() > 0:
             results[f"chance_{task}_acc"] = (histogram.max() / histogram.sum()).item()
+        if task == "mvm":
+            # A stronger MVM baseline that needs only the unmasked cells' entries: the commonest
+            # target entry among those not visible in the cell's image.
+            hits = sum(int((histogram.expand(len(t), -1).masked_fill(v, -1.0).argmax(1) == t).sum())
+                       for t, v in hidden_choices)
+            tally = accelerator.reduce(torch.tensor([hits, sum(len(t) for t, _ in hidden_choices)],
+                                                    device=accelerator.device, dtype=torch.float64), reduction="sum")
+            if tally[1] > 0:
+                results["chance_mvm_hidden_acc"] = (tally[0] / tally[1]).item()
     return results
 
 
@@ -217,12 +199,7 @@ def pretrain(config: PretrainConfig) -> Dict[str, float]:
                           f"{config.model.encoder.vocab_size}")
     processor = SohoProcessor(tokenizer, config.data.image, config.data.max_text_length)
     model = SohoForPretraining(config.model)
-    backbone_params, other_params = split_parameters(model)
-    optimizers = [build_optimizer(other_params, config.optim.rest)]
-    if backbone_params:
-        optimizers.append(build_optimizer(backbone_params, config.optim.backbone))
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, config.optim, train.max_steps))
-                  for o in optimizers]
+    optimizers, schedulers = build_optimizers(model, config.optim, train.max_steps)
     if train.compile:
         model = torch.compile(model)
     model, *prepared = accelerator.prepare(model, *optimizers, *schedulers)
@@ -264,12 +241,9 @@ def pretrain(config: PretrainConfig) -> Dict[str, float]:
             with accelerator.autocast():
                 out = model(**_to_device(batch, accelerator.device))
             accelerator.backward(out.loss)
-            if accelerator.sync_gradients and config.optim.grad_clip > 0:
-                window["grad_norm"].append(float(accelerator.clip_grad_norm_(model.parameters(),
-                                                                             config.optim.grad_clip)))
-            for optimizer in optimizers:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(accelerator, model, optimizers, config.optim.grad_clip)
+        if grad_norm is not None:
+            window["grad_norm"].append(grad_norm)
         for name, value in logged_values(out).items():
             window[name].append(value)
         pairs_in_window += batch["input_ids"].shape[0]

@@ -1,0 +1,142 @@
+"""Evaluating fine-tuned models on a split: NLVR2 / VE accuracy, VQA soft accuracy, retrieval recall.
+
+Classification splits are evaluated in parallel: every rank reads its own disjoint slice
+of the shards (no example padded or repeated), and the predictions of all ranks are
+gathered before a single metric is computed, so any number of processes gives the same
+numbers. Retrieval runs on the main process (the gallery must be whole to rank it).
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from accelerate.utils import gather_object
+
+from soho.data.retrieval import read_retrieval_split
+from soho.data.tasks import TaskDataset
+from soho.eval.retrieval import chance_recall, encode_gallery, retrieve
+from soho.eval.vqa import AnswerVocabulary, normalize_answer, vqa_accuracy, vqa_score
+from soho.processing import SohoProcessor
+
+logger = logging.getLogger(__name__)
+
+MODEL_INPUTS = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass
+class SplitEvaluation:
+    metrics: Dict[str, float]
+    """Percentages; ``chance_*`` entries give the same metric for the best constant answer."""
+    predictions: List[Dict[str, Any]]
+    skipped: Dict[str, int] = field(default_factory=dict)
+    cost: Dict[str, Any] = field(default_factory=dict)
+
+
+def _majority_share(values: Sequence[Any]) -> float:
+    return 100.0 * Counter(values).most_common(1)[0][1] / len(values)
+
+
+def classification_metrics(task: str, predictions: List[Dict[str, Any]]) -> Dict[str, float]:
+    """Accuracy (NLVR2, VE) or VQA soft accuracy, overall and per answer type, with chance levels."""
+    if not predictions:
+        raise ValueError("no predictions to score: the split was empty or every sample was skipped")
+    if task != "vqa":
+        correct = [p["prediction"] == p["label"] for p in predictions]
+        return {"accuracy": 100.0 * sum(correct) / len(correct),
+                "chance_accuracy": _majority_share([p["label"] for p in predictions])}
+    answers = {p["id"]: p["answers"] for p in predictions}
+    metrics = {"vqa_accuracy": vqa_accuracy({p["id"]: p["prediction"] for p in predictions}, answers)}
+    by_type: Dict[str, List[float]] = {}
+    for p in predictions:
+        by_type.setdefault(p.get("answer_type", "all"), []).append(vqa_score(p["prediction"], p["answers"]))
+    if len(by_type) > 1:
+        metrics.update({f"vqa_accuracy_{kind.replace('/', '_')}": 100.0 * sum(s) / len(s)
+                        for kind, s in sorted(by_type.items())})
+    # The best single answer for every question: what a model that ignores image and question reaches.
+    candidates = {normalize_answer(a) for p in predictions for a in p["answers"]}
+    metrics["chance_vqa_accuracy"] = max(
+        100.0 * sum(vqa_score(c, p["answers"]) for p in predictions) / len(predictions) for c in candidates)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_classification(model, task: str, shards: Union[str, List[str]], processor: SohoProcessor,
+                            batch_size: int = 64, accelerator=None,
+                            answer_vocabulary: Optional[AnswerVocabulary] = None) -> SplitEvaluation:
+    """Predict every example of a NLVR2 / VE / VQA split and score the predictions.
+
+    ``model`` is an unwrapped task model (see :mod:`soho.models.tasks`) on this process's
+    device. With an ``accelerator``, each process evaluates its slice and every process
+    returns the metrics of the whole split.
+    """
+    rank = accelerator.process_index if accelerator is not None else 0
+    world_size = accelerator.num_processes if accelerator is not None else 1
+    device = next(model.parameters()).device
+    dataset = TaskDataset(task, shards, processor.tokenizer, processor.image_config, processor.max_text_length,
+                          batch_size, train=False, rank=rank, world_size=world_size,
+                          answer_vocabulary=answer_vocabulary)
+    was_training = model.training
+    model.eval()
+    labels = model.config.labels
+    predictions: List[Dict[str, Any]] = []
+    skipped: Counter = Counter()
+    for batch in dataset:
+        skipped.update(batch["skipped"])
+        if not batch["samples"]:
+            continue
+        inputs = {name: batch[name].to(device) for name in MODEL_INPUTS}
+        logits = model.logits(**inputs)
+        for example_id, target, info, index in zip(batch["example_ids"], batch["targets"], batch["info"],
+                                                   logits.argmax(-1).tolist()):
+            record = {"id": example_id, "prediction": labels[index], **info}
+            if task == "vqa":
+                record["answers"] = target
+            else:
+                record["label"] = labels[target]
+            predictions.append(record)
+    model.train(was_training)
+    if world_size > 1:
+        predictions = gather_object(predictions)
+        skipped = sum((Counter(s) for s in gather_object([dict(skipped)])), Counter())
+    ids = [p["id"] for p in predictions]
+    if len(set(ids)) != len(ids):
+        duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
+        raise ValueError(f"{len(duplicates)} example ids occur more than once in {shards!r} "
+                         f"(e.g. {duplicates[:3]}); ids must be unique for the metrics to count each once")
+    predictions.sort(key=lambda p: p["id"])
+    if skipped:
+        logger.warning("skipped %d samples of %s: %s", sum(skipped.values()), shards, dict(skipped))
+    return SplitEvaluation(metrics=classification_metrics(task, predictions), predictions=predictions,
+                           skipped=dict(skipped))
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, shards: Union[str, List[str]], processor: SohoProcessor,
+                       protocols: Sequence[str] = ("itc", "itc_itm"), k: int = 16, itc_weight: float = 0.0,
+                       batch_size: int = 64, fusion_batch_size: int = 512,
+                       max_images: Optional[int] = None) -> SplitEvaluation:
+    """Image-text retrieval on a split with each protocol: metrics ``<protocol>/<metric>``, costs per protocol."""
+    was_training = model.training
+    model.eval()
+    split = read_retrieval_split(shards, processor, batch_size, max_images)
+    gallery = encode_gallery(model, split.image_batches, split.text_batches, split.text_image)
+    captions_per_image = torch.bincount(split.text_image, minlength=len(split.image_ids)).tolist()
+    metrics = {f"chance/{name}": value
+               for name, value in chance_recall(len(split.image_ids), captions_per_image).items()}
+    costs: Dict[str, Any] = {"images": len(split.image_ids), "texts": len(split.captions)}
+    predictions: List[Dict[str, Any]] = []
+    for protocol in protocols:
+        result = retrieve(model, gallery, protocol, k=k, itc_weight=itc_weight, batch_size=fusion_batch_size)
+        metrics.update({f"{protocol}/{name}": value for name, value in result.metrics.items()})
+        costs[protocol] = result.cost
+        top = result.text_to_image.topk(min(10, len(split.image_ids)), dim=1)
+        for text, (scores, images) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+            predictions.append({"protocol": protocol, "caption": split.captions[text],
+                                "image_id": split.image_ids[split.text_image[text]],
+                                "top_images": [split.image_ids[i] for i, s in zip(images, scores)
+                                               if s != float("-inf")]})
+    model.train(was_training)
+    return SplitEvaluation(metrics=metrics, predictions=predictions, skipped=split.skipped, cost=costs)

@@ -1,0 +1,270 @@
+"""The fine-tuning loop, on Accelerate: retrieval, NLVR2, visual entailment, VQA.
+
+A run starts from a ``save_pretrained`` directory (or, as a baseline, from the same
+architecture with random weights), trains for a step or time budget, evaluates every
+split in ``data.eval_shards`` and writes, under ``train.output_dir``:
+
+- ``metrics.jsonl``: training logs, then evaluations;
+- ``results.json``: task, initialisation, metrics per split (with chance levels), cost, config;
+- ``predictions_<split>.jsonl``: one line per example (retrieval: per caption and protocol);
+- ``model/``: the fine-tuned model and its processor (``from_pretrained`` loads it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from soho.config import ConfigError, apply_overrides, from_dict, to_dict
+from soho.data.pretraining import (
+    PretrainingDataConfig,
+    PretrainingDataset,
+    SampleError,
+    decode_json,
+    pretraining_loader,
+)
+from soho.data.shards import SkipCounter, expand_urls, stream_samples
+from soho.data.tasks import NLVR2_LABELS, VE_LABELS, TaskDataset
+from soho.eval.tasks import MODEL_INPUTS, SplitEvaluation, evaluate_classification, evaluate_retrieval
+from soho.eval.vqa import AnswerVocabulary
+from soho.models.config import SohoConfig
+from soho.models.pretrained import read_config
+from soho.models.soho import SohoForPretraining
+from soho.models.tasks import TASK_MODELS
+from soho.processing import SohoProcessor
+from soho.train.config import FinetuneConfig
+from soho.train.optim import build_optimizers, optimizer_step
+
+logger = logging.getLogger(__name__)
+
+RETRIEVAL_INPUTS = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids", "image_index",
+                    "image_ids")
+
+
+def build_answer_vocabulary(config: FinetuneConfig) -> AnswerVocabulary:
+    """The most frequent annotator answers of the training split (records only; images are not decoded).
+
+    Unreadable records are left out here and counted by the training stream, which skips them too.
+    """
+    answer_lists = []
+    for sample in stream_samples(expand_urls(config.data.train_shards), seed=0, rank=0, world_size=1, worker=0,
+                                 num_workers=1, skips=SkipCounter(), repeat=False):
+        try:
+            answers = decode_json(sample).get("answers")
+        except SampleError:  # the training stream skips and reports it
+            continue
+        if isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers):
+            answer_lists.append(answers)
+    if not answer_lists:
+        raise ValueError(f"no VQA answers found in {config.data.train_shards!r}")
+    vocabulary = AnswerVocabulary.build(answer_lists, config.data.answer_vocabulary_size,
+                                        config.data.answer_min_count)
+    logger.info("answer vocabulary: %d answers, %.1f %% best reachable training accuracy",
+                len(vocabulary), 100.0 * vocabulary.coverage(answer_lists))
+    return vocabulary
+
+
+def model_config(config: FinetuneConfig, labels: List[str]) -> SohoConfig:
+    """The checkpoint's architecture with the user's overrides and what the task needs."""
+    base = to_dict(read_config(config.init.checkpoint))
+    model = from_dict(SohoConfig, apply_overrides(base, config.init.model_overrides))
+    if config.task != "retrieval":
+        return dataclasses.replace(model, labels=list(labels))
+    if config.retrieval.itc and not model.itc.enabled:
+        raise ConfigError(f"retrieval.itc is true but {config.init.checkpoint} has no ITC heads; "
+                          "set retrieval.itc=false or init.model_overrides=['itc.enabled=true']")
+    return dataclasses.replace(
+        model,
+        # Retrieval fine-tuning is ITM (and ITC) alone: no masking, no dictionary prediction.
+        loss_weights=dataclasses.replace(model.loss_weights, mlm=0.0, mvm=0.0,
+                                         itc=1.0 if config.retrieval.itc else 0.0),
+        itm=dataclasses.replace(model.itm, hard_negatives=config.retrieval.hard_negatives),
+    )
+
+
+def build_model(config: FinetuneConfig, labels: List[str]):
+    cls = SohoForPretraining if config.task == "retrieval" else TASK_MODELS[config.task]
+    architecture = model_config(config, labels)
+    if config.init.from_scratch:
+        return cls(architecture)
+    return cls.from_pretrained(config.init.checkpoint, config=architecture, strict=False)
+
+
+def training_batches(config: FinetuneConfig, processor: SohoProcessor, accelerator: Accelerator,
+                     vocabulary: Optional[AnswerVocabulary]):
+    data = config.data
+    if config.task == "retrieval":
+        stream = PretrainingDataset(
+            PretrainingDataConfig(shards=data.train_shards, image=processor.image_config,
+                                  max_text_length=data.max_text_length or processor.max_text_length,
+                                  captions_per_image=data.captions_per_image, shuffle_buffer=data.shuffle_buffer,
+                                  num_workers=data.num_workers, max_skip_fraction=data.max_skip_fraction),
+            processor.tokenizer, config.train.batch_size, seed=config.train.seed,
+            rank=accelerator.process_index, world_size=accelerator.num_processes)
+        return iter(pretraining_loader(stream, data.num_workers, pin_memory=accelerator.device.type == "cuda"))
+    stream = TaskDataset(config.task, data.train_shards, processor.tokenizer, processor.image_config,
+                         data.max_text_length or processor.max_text_length, config.train.batch_size, train=True,
+                         seed=config.train.seed, rank=accelerator.process_index,
+                         world_size=accelerator.num_processes, shuffle_buffer=data.shuffle_buffer,
+                         answer_vocabulary=vocabulary)
+    return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=data.num_workers,
+                                            persistent_workers=data.num_workers > 0,
+                                            pin_memory=accelerator.device.type == "cuda"))
+
+
+def _step_values(config: FinetuneConfig, out, batch: Dict[str, Any]) -> Dict[str, float]:
+    """The loss and the training accuracy of one step, as floats."""
+    if config.task == "retrieval":
+        values = {"loss": float(out.loss.detach())}
+        values.update({name: float(value.detach()) for name, value in out.losses.items()})
+        values.update({name: float(value) for name, value in out.metrics.items() if name in ("itm_acc", "itc_acc")})
+        return values
+    predicted = out.logits.detach().argmax(-1)
+    labels = batch["labels"].to(predicted.device)
+    if config.task == "vqa":
+        # The soft score of the predicted answer (0 when it is outside the vocabulary's targets).
+        accuracy = labels.gather(1, predicted[:, None]).mean()
+    else:
+        accuracy = (predicted == labels).float().mean()
+    return {"loss": float(out.loss.detach()), "accuracy": float(accuracy)}
+
+
+def evaluate_split(config: FinetuneConfig, model, shards: str, processor: SohoProcessor, accelerator: Accelerator,
+                   vocabulary: Optional[AnswerVocabulary]) -> Optional[SplitEvaluation]:
+    """Every process joins; the result is complete on the main process (and, for classification, on all)."""
+    if config.task != "retrieval":
+        return evaluate_classification(model, config.task, shards, processor, config.train.eval_batch_size,
+                                       accelerator, vocabulary)
+    result = None
+    if accelerator.is_main_process:
+        retrieval = config.retrieval
+        result = evaluate_retrieval(model, shards, processor, retrieval.protocols, retrieval.k,
+                                    retrieval.itc_weight, config.train.eval_batch_size,
+                                    max_images=retrieval.max_eval_images)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def write_jsonl(path: Path, records: List[Dict[str, Any]]) -> None:
+    with path.open("w") as stream:
+        for record in records:
+            stream.write(json.dumps(record) + "\n")
+
+
+def finetune(config: FinetuneConfig) -> Dict[str, Any]:
+    """Fine-tune, evaluate every split, write the run's files; returns the results record."""
+    train = config.train
+    output_dir = Path(train.output_dir)
+    accelerator = Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+                              mixed_precision=train.mixed_precision,
+                              gradient_accumulation_steps=config.optim.accumulation_steps,
+                              step_scheduler_with_optimizer=False)
+    set_seed(train.seed, device_specific=True)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    processor = SohoProcessor.from_pretrained(config.init.checkpoint)
+    vocabulary = build_answer_vocabulary(config) if config.task == "vqa" else None
+    labels = {"nlvr2": list(NLVR2_LABELS), "ve": list(VE_LABELS), "retrieval": []}.get(
+        config.task, vocabulary.answers if vocabulary is not None else [])
+    model = build_model(config, labels)
+    optimizers, schedulers = build_optimizers(model, config.optim, train.max_steps)
+    model, *prepared = accelerator.prepare(model, *optimizers, *schedulers)
+    optimizers, schedulers = prepared[:len(optimizers)], prepared[len(optimizers):]
+    unwrapped = accelerator.unwrap_model(model)
+    batches = training_batches(config, processor, accelerator, vocabulary)
+    inputs = RETRIEVAL_INPUTS if config.task == "retrieval" else MODEL_INPUTS + ("labels",)
+
+    def log(record: Dict[str, Any]) -> None:
+        if accelerator.is_main_process:
+            with (output_dir / "metrics.jsonl").open("a") as stream:
+                stream.write(json.dumps(record) + "\n")
+
+    window: Dict[str, List[float]] = defaultdict(list)
+    skipped, seen = Counter(), 0
+    progress = tqdm(total=train.max_steps, disable=not accelerator.is_local_main_process, desc=config.task)
+    started = window_start = time.perf_counter()
+    examples_in_window = 0
+    step = 0
+    model.train()
+    while step < train.max_steps:
+        batch = next(batches)
+        skipped.update(batch["skipped"])
+        seen += batch["samples"] + sum(batch["skipped"].values())
+        if not batch["samples"]:
+            continue
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                out = model(**{name: batch[name].to(accelerator.device) for name in inputs if name in batch})
+            accelerator.backward(out.loss)
+            optimizer_step(accelerator, model, optimizers, config.optim.grad_clip)
+        for name, value in _step_values(config, out, batch).items():
+            window[name].append(value)
+        examples_in_window += batch["samples"]
+        if not accelerator.sync_gradients:
+            continue
+        for scheduler in schedulers:
+            scheduler.step()
+        step += 1
+        progress.update(1)
+        if step % train.log_every == 0 or step == train.max_steps:
+            counts = accelerator.reduce(torch.tensor([sum(skipped.values()), seen], device=accelerator.device),
+                                        reduction="sum")
+            skip_fraction = counts[0].item() / max(1, counts[1].item())
+            elapsed = time.perf_counter() - window_start
+            record = {"step": step, **{k: sum(v) / len(v) for k, v in window.items()},
+                      "lr": schedulers[0].get_last_lr()[0],
+                      "examples_per_second": examples_in_window * accelerator.num_processes / elapsed,
+                      "skipped_samples": int(counts[0].item()), "skip_fraction": skip_fraction,
+                      "elapsed_seconds": time.perf_counter() - started}
+            log(record)
+            progress.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", "accuracy", "itm_acc") if k in record})
+            if counts[1].item() >= 100 and skip_fraction > config.data.max_skip_fraction:
+                raise RuntimeError(f"{int(counts[0].item())} of {int(counts[1].item())} training samples were "
+                                   f"skipped ({skip_fraction:.1%} > data.max_skip_fraction="
+                                   f"{config.data.max_skip_fraction}); see the warnings above")
+            window.clear()
+            window_start, examples_in_window = time.perf_counter(), 0
+        if train.eval_every and step % train.eval_every == 0:
+            name, shards = next(iter(config.data.eval_shards.items()))
+            result = evaluate_split(config, unwrapped, shards, processor, accelerator, vocabulary)
+            if result is not None:
+                log({"step": step, "eval": {name: result.metrics}})
+        out_of_time = train.max_minutes is not None and time.perf_counter() - started > train.max_minutes * 60
+        # Every process must agree to stop, or the others would wait in a collective.
+        if accelerator.reduce(torch.tensor([float(out_of_time)], device=accelerator.device), reduction="sum") > 0:
+            logger.info("stopping at step %d: train.max_minutes=%s reached", step, train.max_minutes)
+            break
+    progress.close()
+    train_seconds = time.perf_counter() - started
+
+    results: Dict[str, Any] = {
+        "task": config.task, "init": "scratch" if config.init.from_scratch else config.init.checkpoint,
+        "steps": step, "train_seconds": train_seconds, "splits": {}, "config": to_dict(config)}
+    for name, shards in config.data.eval_shards.items():
+        eval_start = time.perf_counter()
+        result = evaluate_split(config, unwrapped, shards, processor, accelerator, vocabulary)
+        if result is None:
+            continue
+        results["splits"][name] = {"metrics": result.metrics, "skipped": result.skipped,
+                                   "cost": {**result.cost, "seconds": time.perf_counter() - eval_start}}
+        if accelerator.is_main_process:
+            write_jsonl(output_dir / f"predictions_{name}.jsonl", result.predictions)
+    if accelerator.is_main_process:
+        log({"step": step, "final": True, "eval": {n: s["metrics"] for n, s in results["splits"].items()}})
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        unwrapped.save_pretrained(output_dir / "model", processor=processor)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results

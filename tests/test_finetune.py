@@ -1,0 +1,244 @@
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from soho.config import load_config, to_dict
+from soho.data.synthetic import SyntheticWorldConfig, generate_world
+from soho.data.tasks import TaskDataset
+from soho.eval.tasks import classification_metrics, evaluate_classification
+from soho.eval.vqa import AnswerVocabulary
+from soho.models.soho import SohoForPretraining
+from soho.models.tasks import SohoForNLVR2, SohoForVisualEntailment, SohoForVQA, vqa_loss
+from soho.processing import ImageTransformConfig, SohoProcessor
+from soho.tokenizer import load_tokenizer
+from soho.train.config import FinetuneConfig
+from soho.train.finetune import finetune
+
+ROOT = Path(__file__).resolve().parents[1]
+SPLITS = {"pretrain": 8, "retrieval_train": 12, "retrieval_val": 6, "nlvr2_train": 16, "nlvr2_val": 6,
+          "ve_train": 18, "ve_val": 9, "vqa_train": 18, "vqa_val": 9}
+IMAGE = ImageTransformConfig(min_size=32, max_size=32, size_divisor=16)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny synthetic world and a tiny pre-trained (random) checkpoint with its processor."""
+    root = tmp_path_factory.mktemp("finetune")
+    generate_world(SyntheticWorldConfig(image_size=32, split_sizes=SPLITS, shard_size=4, num_workers=1,
+                                        tokenizer_vocab_size=300), root / "data")
+    tokenizer = load_tokenizer(root / "data" / "tokenizer")
+    torch.manual_seed(0)
+    model = SohoForPretraining(tiny_config(**{"encoder.vocab_size": len(tokenizer), "itc.enabled": True,
+                                              "encoder.max_position_embeddings": 40}))
+    model.save_pretrained(root / "pretrained", processor=SohoProcessor(tokenizer, IMAGE, max_text_length=40))
+    return root
+
+
+def run_config(world, task, output_dir, **overrides):
+    overrides = {"train.max_steps": 4, "train.batch_size": 4, "train.eval_batch_size": 4, "train.log_every": 2,
+                 "data.num_workers": 0, "data.shuffle_buffer": 4, "optim.warmup_steps": 1, **overrides}
+    return load_config(FinetuneConfig, ROOT / "configs" / "finetune" / f"{task}_synthetic.yaml", [
+        f"init.checkpoint={world / 'pretrained'}", f"data.train_shards={world / 'data' / f'{task}_train'}",
+        f"data.eval_shards={{val: {world / 'data' / f'{task}_val'}}}", f"train.output_dir={output_dir}",
+        *[f"{key}={value}" for key, value in overrides.items()]])
+
+
+def test_every_shipped_finetune_config_validates():
+    for path in sorted((ROOT / "configs" / "finetune").glob("*.yaml")):
+        config = load_config(FinetuneConfig, path)
+        assert path.stem.startswith(config.task), path
+
+
+def test_task_batches(world):
+    processor = SohoProcessor.from_pretrained(world / "pretrained")
+    vocabulary = AnswerVocabulary(["yes", "no", "2", "red"])
+    for task, images_per_text in (("nlvr2", 2), ("ve", 1), ("vqa", 1)):
+        dataset = TaskDataset(task, str(world / "data" / f"{task}_val"), processor.tokenizer, IMAGE, 40, 4,
+                              train=False, answer_vocabulary=vocabulary)
+        batches = list(dataset)
+        assert sum(b["samples"] for b in batches) == SPLITS[f"{task}_val"]
+        batch = batches[0]
+        assert batch["pixel_values"].shape == (4 * images_per_text, 3, 32, 32)
+        assert batch["input_ids"].shape[0] == 4 and len(batch["example_ids"]) == 4
+        if task == "vqa":
+            assert batch["labels"].shape == (4, 4)
+            for answers, scores in zip(batch["targets"], batch["labels"]):
+                expected = [min(1.0, sum(a == name for a in answers) * 0.3) if answers.count(name) < 4 else 1.0
+                            for name in vocabulary.answers]
+                assert scores.tolist() == pytest.approx(expected)
+        else:
+            assert batch["labels"].tolist() == batch["targets"]
+
+
+def test_broken_task_samples_are_skipped_and_counted(world, tmp_path):
+    shard = tmp_path / "ve-000000.tar"
+    good = next(iter(tarfile.open(next((world / "data" / "ve_val").glob("*.tar")))))
+    with tarfile.open(next((world / "data" / "ve_val").glob("*.tar"))) as source, tarfile.open(shard, "w") as tar:
+        members = {m.name: source.extractfile(m).read() for m in source if m.isfile()}
+        key = good.name.split(".")[0]
+        record = json.loads(members[f"{key}.json"])
+
+        def add(name, payload):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+        add(f"{key}.jpg", members[f"{key}.jpg"])
+        add(f"{key}.json", members[f"{key}.json"])
+        add("bad1.jpg", members[f"{key}.jpg"])
+        add("bad1.json", json.dumps({**record, "label": "maybe"}).encode())
+        add("bad2.json", json.dumps(record).encode())
+        add("bad3.jpg", b"not an image")
+        add("bad3.json", json.dumps(record).encode())
+    processor = SohoProcessor.from_pretrained(world / "pretrained")
+    batches = list(TaskDataset("ve", str(shard), processor.tokenizer, IMAGE, 40, 8, train=False))
+    assert [b["samples"] for b in batches] == [1]
+    assert batches[0]["skipped"] == {"bad_record": 1, "missing_image": 1, "corrupt_image": 1}
+
+
+@pytest.mark.parametrize("cls, images_per_text, labels", [
+    (SohoForVisualEntailment, 1, ["entailment", "neutral", "contradiction"]),
+    (SohoForNLVR2, 2, ["false", "true"]),
+    (SohoForVQA, 1, ["yes", "no", "1", "2", "red"]),
+])
+def test_heads_fit_a_fixed_batch(cls, images_per_text, labels):
+    torch.manual_seed(0)
+    model = cls(tiny_config(labels=labels))
+    texts = 4
+    pixel_values = torch.randn(texts * images_per_text, 3, 32, 32)
+    input_ids = torch.randint(5, 60, (texts, 7))
+    if cls is SohoForVQA:
+        targets = torch.zeros(texts, len(labels))
+        targets[torch.arange(texts), torch.tensor([0, 1, 4, 2])] = 1.0
+        targets[0, 2] = 0.3
+        # Soft targets cannot be fitted to zero loss: the floor is their summed binary entropy.
+        floor = vqa_loss(torch.logit(targets.clamp(1e-6, 1 - 1e-6)), targets).item()
+    else:
+        targets = torch.arange(texts) % len(labels)
+        floor = 0.0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(20):
+        out = model(pixel_values=pixel_values, input_ids=input_ids, labels=targets)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    assert out.logits.shape == (texts, len(labels))
+    assert losses[-1] - floor < 0.5 * (losses[0] - floor)
+    assert model.soho.backbone.proj.weight.grad.abs().sum() > 0, "the CNN must get gradients"
+    predictions = model.eval().predict(pixel_values, input_ids)
+    assert len(predictions) == texts and set(predictions) <= set(labels)
+
+
+def test_nlvr2_pairs_each_text_with_its_two_images():
+    torch.manual_seed(0)
+    # Continuous features: a random dictionary would map both images to the same entries.
+    model = SohoForNLVR2(tiny_config(labels=["false", "true"], use_visual_dictionary=False,
+                                     **{"loss_weights.mvm": 0.0})).eval()
+    pixel_values = torch.randn(6, 3, 32, 32)
+    input_ids = torch.randint(5, 60, (3, 7))
+    logits = model.logits(pixel_values, input_ids)
+    single = model.logits(pixel_values[2:4], input_ids[1:2])
+    torch.testing.assert_close(logits[1:2], single, atol=1e-5, rtol=0)
+    swapped = model.logits(pixel_values[[3, 2]], input_ids[1:2])
+    assert not torch.allclose(swapped, single), "left and right must not be interchangeable"
+    with pytest.raises(ValueError, match="2 image"):
+        model.logits(pixel_values[:5], input_ids)
+
+
+def test_vqa_loss_is_bce_summed_over_answers():
+    logits = torch.tensor([[2.0, -1.0, 0.0]])
+    targets = torch.tensor([[1.0, 0.0, 0.3]])
+    expected = sum(-(t * torch.log(torch.sigmoid(x)) + (1 - t) * torch.log(1 - torch.sigmoid(x)))
+                   for x, t in zip(logits[0], targets[0]))
+    assert vqa_loss(logits, targets).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_classification_metrics_by_hand():
+    predictions = [{"id": "a", "prediction": "true", "label": "true"},
+                   {"id": "b", "prediction": "true", "label": "false"},
+                   {"id": "c", "prediction": "false", "label": "false"},
+                   {"id": "d", "prediction": "false", "label": "false"}]
+    assert classification_metrics("nlvr2", predictions) == {"accuracy": 75.0, "chance_accuracy": 75.0}
+    vqa = [{"id": "q1", "prediction": "two", "answers": ["2"] * 10, "answer_type": "number"},
+           {"id": "q2", "prediction": "yes", "answers": ["yes"] * 2 + ["no"] * 8, "answer_type": "yes/no"}]
+    metrics = classification_metrics("vqa", vqa)
+    # q1: "two" normalises to "2", all 10 agree -> 1; q2: 2 of 10 say yes -> 0.6.
+    assert metrics["vqa_accuracy"] == pytest.approx(80.0)
+    assert metrics["vqa_accuracy_number"] == pytest.approx(100.0)
+    assert metrics["vqa_accuracy_yes_no"] == pytest.approx(60.0)
+    # Best constant answer: "2" scores 1 + 0, "no" 0 + 1, "yes" 0 + 0.6 -> 50 %.
+    assert metrics["chance_vqa_accuracy"] == pytest.approx(50.0)
+
+
+@pytest.mark.parametrize("task", ["ve", "nlvr2", "vqa", "retrieval"])
+def test_finetune_writes_results_predictions_and_a_loadable_model(world, tmp_path, task):
+    overrides = {"retrieval.protocols": "[itc, itc_itm, itm_all]", "retrieval.k": 3} if task == "retrieval" else {}
+    results = finetune(run_config(world, task, tmp_path / task, **overrides))
+    assert results["steps"] == 4 and results["init"] == str(world / "pretrained")
+    metrics = results["splits"]["val"]["metrics"]
+    predictions = [json.loads(line) for line in (tmp_path / task / "predictions_val.jsonl").open()]
+    records = [json.loads(line) for line in (tmp_path / task / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4]
+    assert records[-1]["final"] and json.loads((tmp_path / task / "results.json").read_text())["task"] == task
+    if task == "retrieval":
+        assert {"itc/rsum", "itc_itm/rsum", "itm_all/rsum", "chance/rsum"} <= set(metrics)
+        assert len(predictions) == 3 * 6 * 5  # protocols x images x captions
+        return
+    assert len(predictions) == SPLITS[f"{task}_val"]
+    key = "vqa_accuracy" if task == "vqa" else "accuracy"
+    assert 0.0 <= metrics[key] <= 100.0 and f"chance_{key}" in metrics
+    cls = {"ve": SohoForVisualEntailment, "nlvr2": SohoForNLVR2, "vqa": SohoForVQA}[task]
+    model = cls.from_pretrained(tmp_path / task / "model")
+    processor = SohoProcessor.from_pretrained(tmp_path / task / "model")
+    vocabulary = AnswerVocabulary(model.config.labels) if task == "vqa" else None
+    again = evaluate_classification(model, task, str(world / "data" / f"{task}_val"), processor, 3,
+                                    answer_vocabulary=vocabulary)
+    assert again.metrics == pytest.approx(metrics)
+    assert [p["prediction"] for p in again.predictions] == [p["prediction"] for p in predictions]
+
+
+def test_from_scratch_keeps_the_architecture_but_not_the_weights(world, tmp_path):
+    from soho.train.finetune import build_model
+
+    config = run_config(world, "ve", tmp_path, **{"init.from_scratch": "true"})
+    scratch = build_model(config, ["entailment", "neutral", "contradiction"])
+    pretrained = SohoForPretraining.from_pretrained(world / "pretrained")
+    assert to_dict(scratch.config.encoder) == to_dict(pretrained.config.encoder)
+    assert not torch.equal(scratch.soho.encoder.layers[0].attention.query.weight,
+                           pretrained.soho.encoder.layers[0].attention.query.weight)
+
+
+def test_retrieval_itc_needs_an_itc_checkpoint(world, tmp_path):
+    from soho.config import ConfigError
+    from soho.train.finetune import model_config
+
+    config = run_config(world, "retrieval", tmp_path, **{"init.model_overrides": "['itc.enabled=false']"})
+    with pytest.raises(ConfigError, match="no ITC heads"):
+        model_config(config, [])
+
+
+def test_two_process_evaluation_equals_one_process(world, tmp_path):
+    finetune(run_config(world, "vqa", tmp_path / "run"))
+    outputs = {}
+    for processes in (1, 2):
+        output = tmp_path / f"eval{processes}"
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(ROOT / "configs" / "accelerate" / "cpu.yaml"), "--num_processes", str(processes),
+                   str(ROOT / "tools" / "evaluate.py"), "vqa", "--checkpoint", str(tmp_path / "run" / "model"),
+                   "--shards", str(world / "data" / "vqa_val"), "--batch-size", "2", "--output", str(output)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[processes] = json.loads((output / "results.json").read_text())
+        assert outputs[processes]["cost"]["processes"] == processes
+        lines = (output / "predictions.jsonl").read_text().splitlines()
+        assert len(lines) == SPLITS["vqa_val"] == len({json.loads(line)["id"] for line in lines})
+    assert outputs[2]["metrics"] == pytest.approx(outputs[1]["metrics"])

@@ -1,0 +1,178 @@
+import json
+
+import pytest
+
+from soho.eval.vqa import AnswerVocabulary, answer_scores, normalize_answer, vqa_accuracy, vqa_score
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("  Yes\n", "yes"),
+    ("red\tcar", "red car"),
+    ("The Dog", "dog"),
+    ("a man", "man"),
+    ("an apple", "apple"),
+    ("Two", "2"),
+    ("the one", "1"),
+    ("ten", "10"),
+    ("none", "0"),
+    ("yes.", "yes"),
+    ("Yes!", "yes"),
+    ("mr. smith", "mr smith"),
+    ("2.5", "2.5"),
+    ("1,000", "1000"),
+    ("black/white", "black white"),     # no space beside the mark: it separates words
+    ("black / white", "black white"),   # beside a space: removed, then spaces collapse
+    ("hello, world", "hello world"),
+    ("t-shirt", "t shirt"),
+    ("dont", "don't"),
+    ("isnt", "isn't"),
+    ("cant", "can't"),
+    ("im", "i'm"),
+    ("wont", "won't"),
+    ("don't", "don't"),
+    ("It's   a   CAT", "it's cat"),
+    ("", ""),
+])
+def test_normalize_answer(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+@pytest.mark.parametrize("matches, expected", [
+    (0, 0.0),
+    (1, (1 * 0 + 9 * (1 / 3)) / 10),              # 0.3
+    (2, (2 * (1 / 3) + 8 * (2 / 3)) / 10),        # 0.6
+    (3, (3 * (2 / 3) + 7 * 1) / 10),              # 0.9
+    (4, (4 * 1 + 6 * 1) / 10),
+    (10, 1.0),
+])
+def test_vqa_score_leave_one_out_with_ten_answers(matches, expected):
+    answers = ["yes"] * matches + ["no"] * (10 - matches)
+    assert vqa_score("yes", answers) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("answers, expected", [
+    (["yes"], 1 / 3),
+    (["yes", "yes"], 2 / 3),
+    (["yes", "no", "yes", "yes"], 1.0),
+    (["no", "no"], 0.0),
+])
+def test_vqa_score_without_ten_answers_is_plain_min(answers, expected):
+    assert vqa_score("yes", answers) == pytest.approx(expected)
+
+
+def test_vqa_score_normalises_both_sides():
+    assert vqa_score("Two", ["2", "two.", "the two"] + ["3"] * 7) == pytest.approx(0.9)
+    assert vqa_score("2", ["Two"]) == pytest.approx(1 / 3)
+
+
+def test_vqa_score_rejects_no_answers():
+    with pytest.raises(ValueError, match="no ground-truth answers"):
+        vqa_score("yes", [])
+
+
+def test_vqa_accuracy_in_percent():
+    predictions = {"1": "yes", "2": "2", "3": "blue"}
+    answers = {"1": ["yes"] * 3 + ["no"] * 7, "2": ["two"] * 10, "3": ["red"]}
+    assert vqa_accuracy(predictions, answers) == pytest.approx(100 * (0.9 + 1.0 + 0.0) / 3)
+
+
+def test_vqa_accuracy_names_questions_without_prediction_or_answers():
+    with pytest.raises(ValueError, match=r"1 question\(s\) without a prediction: '2'"):
+        vqa_accuracy({"1": "yes"}, {"1": ["yes"], "2": ["no"]})
+    with pytest.raises(ValueError, match=r"without ground-truth answers: '2', '3'"):
+        vqa_accuracy({"1": "yes", "2": "no", "3": "no"}, {"1": ["yes"], "3": []})
+    with pytest.raises(ValueError, match=r"12 question\(s\) without a prediction: .*\(and 7 more\)"):
+        vqa_accuracy({}, {f"q{i:02d}": ["yes"] for i in range(12)})
+    with pytest.raises(ValueError, match="no questions"):
+        vqa_accuracy({}, {})
+
+
+def test_answer_scores_match_the_metric():
+    answers = ["yes"] * 3 + ["No"] * 6 + ["maybe."]
+    scores = answer_scores(answers)
+    assert list(scores) == ["yes", "no", "maybe"]
+    assert scores == pytest.approx({"yes": 0.9, "no": 1.0, "maybe": 0.3})
+    for answer, score in scores.items():
+        assert vqa_score(answer, answers) == pytest.approx(score)
+    assert answer_scores(["Yes", "yes", "no"]) == pytest.approx({"yes": 2 / 3, "no": 1 / 3})
+    with pytest.raises(ValueError, match="no answers"):
+        answer_scores([])
+
+
+# "yes" is given twice in the first question but counts once, so it ties with "cat" and "no".
+QUESTIONS = [["yes", "yes", "no"], ["no", "The cat"], ["cat", "dog"], ["Yes"]]
+
+
+def test_vocabulary_counts_once_per_question_and_breaks_ties_alphabetically():
+    vocab = AnswerVocabulary.build(QUESTIONS)
+    assert vocab.answers == ["cat", "no", "yes", "dog"]
+    assert len(vocab) == 4
+    assert AnswerVocabulary.build(QUESTIONS, max_size=2).answers == ["cat", "no"]
+    assert AnswerVocabulary.build(QUESTIONS, min_count=2).answers == ["cat", "no", "yes"]
+    assert AnswerVocabulary.build(QUESTIONS, min_count=3).answers == []
+
+
+def test_vocabulary_build_rejects_bad_limits():
+    with pytest.raises(ValueError, match="must be positive"):
+        AnswerVocabulary.build(QUESTIONS, max_size=0)
+    with pytest.raises(ValueError, match="must be positive"):
+        AnswerVocabulary.build(QUESTIONS, min_count=0)
+
+
+def test_vocabulary_index_normalises():
+    vocab = AnswerVocabulary.build(QUESTIONS)
+    assert vocab.index("The Cat.") == 0
+    assert vocab.index("dog") == 3
+    assert vocab.index("bird") is None
+
+
+def test_vocabulary_targets_are_soft_scores_of_known_answers():
+    vocab = AnswerVocabulary(["cat", "no", "yes", "dog"])
+    indices, scores = vocab.targets(["yes"] * 3 + ["no"] * 6 + ["maybe"])
+    assert indices == [1, 2]
+    assert scores == pytest.approx([1.0, 0.9])
+    assert vocab.targets(["bird"]) == ([], [])
+
+
+def test_vocabulary_coverage_is_the_accuracy_upper_bound():
+    vocab = AnswerVocabulary(["cat", "no"])
+    questions = [["cat"] * 10, ["yes"] * 10, ["no"] * 2 + ["yes"] * 8]
+    assert vocab.coverage(questions) == pytest.approx((1.0 + 0.0 + 0.6) / 3)
+    with pytest.raises(ValueError, match="no questions"):
+        vocab.coverage([])
+
+
+def test_vocabulary_rejects_bad_entries():
+    with pytest.raises(ValueError, match="normalised"):
+        AnswerVocabulary(["Yes"])
+    with pytest.raises(ValueError, match="normalised"):
+        AnswerVocabulary([1])
+    with pytest.raises(ValueError, match="duplicate entries \\['no'\\]"):
+        AnswerVocabulary(["no", "yes", "no"])
+
+
+def test_vocabulary_save_load_round_trip(tmp_path):
+    vocab = AnswerVocabulary.build(QUESTIONS)
+    path = tmp_path / "sub" / "answers.json"
+    vocab.save(path)
+    assert json.loads(path.read_text()) == {"answers": ["cat", "no", "yes", "dog"]}
+    loaded = AnswerVocabulary.load(str(path))
+    assert loaded.answers == vocab.answers
+    assert loaded.index("yes") == 2
+
+
+def test_vocabulary_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        AnswerVocabulary.load(tmp_path / "missing.json")
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{answers: ")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        AnswerVocabulary.load(bad_json)
+    for content in (["yes"], {"answer": ["yes"]}, {"answers": "yes"}):
+        wrong = tmp_path / "wrong.json"
+        wrong.write_text(json.dumps(content))
+        with pytest.raises(ValueError, match="expected a JSON object"):
+            AnswerVocabulary.load(wrong)
+    wrong.write_text(json.dumps({"answers": ["yes", 2]}))
+    with pytest.raises(ValueError, match="normalised"):
+        AnswerVocabulary.load(wrong)
