@@ -19,10 +19,8 @@ from soho.data.shards import Sample, SkipCounter, expand_urls, worker_stream
 from soho.processing import ImageTransform, ImageTransformConfig, pad_images
 
 CLASSIFICATION_TASKS = ("nlvr2", "ve", "vqa")
-TASKS = ("retrieval",) + CLASSIFICATION_TASKS
 VE_LABELS = ("entailment", "neutral", "contradiction")
 NLVR2_LABELS = ("false", "true")
-IMAGES_PER_EXAMPLE = {"nlvr2": 2, "ve": 1, "vqa": 1}
 
 
 @dataclass
@@ -102,7 +100,7 @@ DECODERS = {"nlvr2": decode_nlvr2, "ve": decode_ve, "vqa": decode_vqa}
 
 
 class TaskCollator:
-    """Pads images (``images_per_example`` per text, in example order), tokenises texts, builds targets."""
+    """Pads the examples' images (in example order; NLVR2: left, then right), tokenises texts, builds targets."""
 
     def __init__(self, task: str, tokenizer, max_text_length: int, size_divisor: int, answer_vocabulary=None):
         if task == "vqa" and answer_vocabulary is None:
