@@ -205,3 +205,16 @@ def test_bad_configs_name_the_problem():
     with pytest.raises(ConfigError, match="set backbone.frozen_stages: 0"):
         backbone(name="efficientnet_b0", frozen_stages=2)
     assert backbone(name="efficientnet_b0", frozen_stages=0).stride == 16
+
+
+def test_group_norm_backbone_is_independent_of_the_batch():
+    torch.manual_seed(0)
+    backbone = Backbone(BackboneConfig(name="resnet10t", out_index=2, frozen_stages=0, norm="group"), 32)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+    images = torch.randn(4, 3, 64, 64)
+    alone = backbone.train()(images[:1])
+    # Same features whatever the rest of the batch and in either mode: no batch statistics.
+    torch.testing.assert_close(backbone(images)[:1], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(backbone.eval()(images[:1]), alone, atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="norm: group"):
+        BackboneConfig(name="resnet10t", norm="group", pretrained_path="weights.pth")

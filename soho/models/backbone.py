@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import timm
+from timm.layers import GroupNorm1
 import torch
 import torch.utils.checkpoint
 from safetensors import SafetensorError
@@ -163,8 +164,9 @@ class Backbone(nn.Module):
             state_dict = load_cnn_state_dict(config.pretrained_path)
             _check_fits(config.name, state_dict, config.pretrained_path)
             overlay = dict(state_dict=state_dict)
+        norm_kwargs = {"norm_layer": GroupNorm1} if config.norm == "group" else {}
         self.cnn = timm.create_model(config.name, features_only=True, out_indices=(config.out_index,),
-                                     pretrained=overlay is not None, pretrained_cfg_overlay=overlay)
+                                     pretrained=overlay is not None, pretrained_cfg_overlay=overlay, **norm_kwargs)
         # timm keeps the overlaid weights in pretrained_cfg; the model already holds them.
         self.cnn.pretrained_cfg.pop("state_dict", None)
 
@@ -191,7 +193,7 @@ class Backbone(nn.Module):
         self.pool = (nn.MaxPool2d(config.extra_pool, config.extra_pool, ceil_mode=True)
                      if config.extra_pool > 1 else nn.Identity())
         self.proj = nn.Conv2d(self.feature_channels, hidden_size, kernel_size=1, bias=False)
-        self.norm = nn.BatchNorm2d(hidden_size)
+        self.norm = GroupNorm1(hidden_size) if config.norm == "group" else nn.BatchNorm2d(hidden_size)
         if config.channels_last:
             self.to(memory_format=torch.channels_last)
         self.train()

@@ -26,8 +26,15 @@ class BackboneConfig:
     """Max-pool kernel and stride after the chosen stage (the paper uses 2); 1 disables it."""
     channels_last: bool = False
     gradient_checkpointing: bool = False
+    norm: Literal["batch", "group"] = "batch"
+    """Normalisation in the CNN and the neck. ``group``: one-group GroupNorm, which does not depend
+    on the batch, so a cell's features (and dictionary entry) are the same in training and
+    evaluation; for CNNs trained from scratch (BatchNorm weights do not load into it)."""
 
     def __post_init__(self):
+        if self.norm == "group" and self.pretrained_path:
+            raise ConfigError("backbone.norm: group cannot load pretrained BatchNorm weights "
+                              f"({self.pretrained_path}); use norm: batch")
         if self.out_index < 0:
             raise ConfigError(f"backbone.out_index must be >= 0, got {self.out_index}")
         if self.frozen_stages < 0:
