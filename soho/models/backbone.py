@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import timm
-from timm.layers import GroupNorm1
 import torch
 import torch.utils.checkpoint
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from timm.layers import GroupNorm1
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
