@@ -155,3 +155,11 @@ def worker_stream(urls: Sequence[str], seed: int, rank: int, world_size: int, re
     samples = stream_samples(urls, seed, rank, world_size, worker, num_workers, skips, repeat=repeat,
                              resampled=resampled)
     return shuffle(samples, shuffle_buffer, reader_seed), skips, worker, reader_seed
+
+
+def check_skip_fraction(skipped: int, seen: int, limit: float) -> None:
+    """Stop a run whose data is broken: more than ``limit`` of at least 100 samples skipped."""
+    if seen >= 100 and skipped / seen > limit:
+        raise RuntimeError(f"{skipped} of {seen} samples were skipped ({skipped / seen:.1%} > "
+                           f"data.max_skip_fraction={limit}); the data is broken, see the warnings above "
+                           "for which samples and why")

@@ -32,7 +32,7 @@ from soho.data.pretraining import (
     decode_json,
     pretraining_loader,
 )
-from soho.data.shards import SkipCounter, expand_urls, stream_samples
+from soho.data.shards import SkipCounter, check_skip_fraction, expand_urls, stream_samples
 from soho.data.tasks import NLVR2_LABELS, VE_LABELS, TaskDataset
 from soho.eval.tasks import MODEL_INPUTS, SplitEvaluation, evaluate_classification, evaluate_retrieval
 from soho.eval.vqa import AnswerVocabulary
@@ -230,10 +230,7 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
                       "elapsed_seconds": time.perf_counter() - started}
             log(record)
             progress.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", "accuracy", "itm_acc") if k in record})
-            if counts[1].item() >= 100 and skip_fraction > config.data.max_skip_fraction:
-                raise RuntimeError(f"{int(counts[0].item())} of {int(counts[1].item())} training samples were "
-                                   f"skipped ({skip_fraction:.1%} > data.max_skip_fraction="
-                                   f"{config.data.max_skip_fraction}); see the warnings above")
+            check_skip_fraction(int(counts[0].item()), int(counts[1].item()), config.data.max_skip_fraction)
             window.clear()
             window_start, examples_in_window = time.perf_counter(), 0
         if train.eval_every and step % train.eval_every == 0:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from soho.config import ConfigError, to_dict
 from soho.data.pretraining import PretrainingDataset, pretraining_loader
+from soho.data.shards import check_skip_fraction
 from soho.models.soho import SohoForPretraining
 from soho.processing import SohoProcessor
 from soho.tokenizer import load_tokenizer
@@ -273,11 +274,7 @@ def pretrain(config: PretrainConfig) -> Dict[str, float]:
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
             progress.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", "itm_acc", "mlm_acc", "mvm_acc")
                                   if k in record})
-            if counts[1].item() >= 100 and skip_fraction > config.data.max_skip_fraction:
-                raise RuntimeError(
-                    f"{int(counts[0].item())} of {int(counts[1].item())} samples were skipped "
-                    f"({skip_fraction:.1%} > data.max_skip_fraction={config.data.max_skip_fraction}); "
-                    "the data is broken, see the warnings above for which samples and why")
+            check_skip_fraction(int(counts[0].item()), int(counts[1].item()), config.data.max_skip_fraction)
             window.clear()
             window_start, pairs_in_window, images_in_window = time.perf_counter(), 0, 0
 
