@@ -30,12 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soho.data.tasks import CLASSIFICATION_TASKS  # noqa: E402
 from soho.eval.retrieval import PROTOCOLS  # noqa: E402
-from soho.eval.tasks import evaluate_classification, evaluate_retrieval  # noqa: E402
+from soho.eval.tasks import evaluate_classification, evaluate_retrieval, write_jsonl  # noqa: E402
 from soho.eval.vqa import AnswerVocabulary  # noqa: E402
 from soho.models.soho import SohoForPretraining  # noqa: E402
 from soho.models.tasks import TASK_MODELS  # noqa: E402
 from soho.processing import SohoProcessor  # noqa: E402
-from soho.train.finetune import write_jsonl  # noqa: E402
 
 
 def evaluate(args) -> dict:

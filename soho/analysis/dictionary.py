@@ -52,6 +52,7 @@ def dictionary_report(model: SohoForPretraining, batches: Iterable[Dict[str, Ten
     size = model.soho.visual_dictionary.size
     generator = torch.Generator().manual_seed(seed)
     counts: Counter = Counter()
+    usage = torch.zeros(size, dtype=torch.float64)
     target_histogram = torch.zeros(size, dtype=torch.float64)
     records = []
     for batch in batches:
@@ -66,7 +67,7 @@ def dictionary_report(model: SohoForPretraining, batches: Iterable[Dict[str, Ten
         if reference is not None:
             reference_indices = reference.eval().soho.embed_image(pixels, pixel_mask).indices.flatten(1)
             counts["reference_same"] += int((reference_indices == indices)[valid].sum())
-        counts.update(dict(zip(range(size), torch.bincount(indices[valid], minlength=size).tolist())))
+        usage += torch.bincount(indices[valid], minlength=size).double()
 
         masked = sample_mvm_mask(grid.indices, grid.mask, 1.0, generator)
         image_index = batch["image_index"]
@@ -82,7 +83,6 @@ def dictionary_report(model: SohoForPretraining, batches: Iterable[Dict[str, Ten
 
     targets = torch.cat([r[0] for r in records])
     visible = torch.cat([r[3] for r in records])
-    usage = torch.tensor([counts[k] for k in range(size)], dtype=torch.float64)
     probabilities = usage / usage.sum()
     # Baselines that ignore the image content: the commonest target entry, and the commonest
     # target entry among those not visible in the cell's image (needs only the unmasked entries).

@@ -7,9 +7,11 @@ numbers. Retrieval runs on the main process (the gallery must be whole to rank i
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -140,3 +142,9 @@ def evaluate_retrieval(model, shards: Union[str, List[str]], processor: SohoProc
                                                if s != float("-inf")]})
     model.train(was_training)
     return SplitEvaluation(metrics=metrics, predictions=predictions, skipped=split.skipped, cost=costs)
+
+
+def write_jsonl(path: Path, records: List[Dict[str, Any]]) -> None:
+    with path.open("w") as stream:
+        for record in records:
+            stream.write(json.dumps(record) + "\n")

@@ -34,7 +34,7 @@ from soho.data.pretraining import (
 )
 from soho.data.shards import SkipCounter, check_skip_fraction, expand_urls, stream_samples
 from soho.data.tasks import NLVR2_LABELS, VE_LABELS, TaskDataset
-from soho.eval.tasks import MODEL_INPUTS, SplitEvaluation, evaluate_classification, evaluate_retrieval
+from soho.eval.tasks import MODEL_INPUTS, SplitEvaluation, evaluate_classification, evaluate_retrieval, write_jsonl
 from soho.eval.vqa import AnswerVocabulary
 from soho.models.config import SohoConfig
 from soho.models.pretrained import read_config
@@ -154,12 +154,6 @@ def evaluate_split(config: FinetuneConfig, model, shards: str, processor: SohoPr
     return result
 
 
-def write_jsonl(path: Path, records: List[Dict[str, Any]]) -> None:
-    with path.open("w") as stream:
-        for record in records:
-            stream.write(json.dumps(record) + "\n")
-
-
 def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     """Fine-tune, evaluate every split, write the run's files; returns the results record."""
     train = config.train
@@ -176,8 +170,8 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
 
     processor = SohoProcessor.from_pretrained(config.init.checkpoint)
     vocabulary = build_answer_vocabulary(config) if config.task == "vqa" else None
-    labels = {"nlvr2": list(NLVR2_LABELS), "ve": list(VE_LABELS), "retrieval": []}.get(
-        config.task, vocabulary.answers if vocabulary is not None else [])
+    labels = {"nlvr2": list(NLVR2_LABELS), "ve": list(VE_LABELS), "retrieval": [],
+              "vqa": vocabulary.answers if vocabulary is not None else []}[config.task]
     model = build_model(config, labels)
     optimizers, schedulers = build_optimizers(model, config.optim, train.max_steps)
     model, *prepared = accelerator.prepare(model, *optimizers, *schedulers)
