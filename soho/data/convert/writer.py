@@ -156,7 +156,8 @@ def prepare_image(data: bytes, options: WriteOptions, name: str = "") -> Tuple[b
 def scale_boxes(value: Any, scale: float) -> Any:
     """``value`` with every ``box`` entry, at any depth, multiplied by ``scale``."""
     if isinstance(value, dict):
-        return {k: ([round(c * scale, 2) for c in v] if k == "box" else scale_boxes(v, scale)) for k, v in value.items()}
+        return {key: [round(c * scale, 2) for c in item] if key == "box" else scale_boxes(item, scale)
+                for key, item in value.items()}
     if isinstance(value, list):
         return [scale_boxes(v, scale) for v in value]
     return value
