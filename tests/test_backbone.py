@@ -218,3 +218,23 @@ def test_group_norm_backbone_is_independent_of_the_batch():
     torch.testing.assert_close(backbone.eval()(images[:1]), alone, atol=1e-5, rtol=0)
     with pytest.raises(ConfigError, match="norm: group"):
         BackboneConfig(name="resnet10t", norm="group", pretrained_path="weights.pth")
+
+
+def test_frozen_norm_statistics_make_training_features_match_evaluation():
+    torch.manual_seed(0)
+    model = backbone(frozen_stages=0).train()
+    model(torch.randn(8, 3, 64, 64) * 2 + 1)  # move the running statistics away from their init
+    model.freeze_norm_statistics()
+    model.eval().train()  # stays frozen through mode switches (evaluation in the training loop)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms) and model.cnn.layer2.training
+    before = [batchnorm_statistics(m) for m in norms]
+    images = torch.randn(4, 3, 64, 64)
+    alone = model(images[:1])
+    torch.testing.assert_close(model(images)[:1], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.eval()(images[:1]), alone, atol=1e-5, rtol=0)
+    for module, stats in zip(norms, before):
+        assert all(torch.equal(value, stats[name]) for name, value in batchnorm_statistics(module).items())
+    out = model.train()(images)
+    (out * torch.randn_like(out)).sum().backward()
+    assert model.norm.weight.grad is not None and model.norm.weight.grad.abs().sum() > 0

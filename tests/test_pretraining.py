@@ -140,7 +140,8 @@ def read_metrics(path):
 
 
 def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
-    full = pretrain(run_config(world, tmp_path / "full"))
+    # BatchNorm statistics freeze after step 2: a resumed run must freeze them again.
+    full = pretrain(run_config(world, tmp_path / "full", freeze_backbone_norm_at=2))
     assert full["step"] == 6
     for name in ("itm_acc", "mlm_acc", "mvm_acc"):
         assert 0 <= full["eval"]["chance_" + name] <= 1 and 0 <= full["eval"][name] <= 1
@@ -153,8 +154,13 @@ def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
     processor = SohoProcessor.from_pretrained(tmp_path / "full" / "pretrained")
     image = np.zeros((32, 32, 3), dtype=np.uint8)
     assert model.score(**processor(images=[image], text=["a red picture"])).shape == (1,)
+    from safetensors.torch import load_file
+    statistics = [{k: v for k, v in load_file(path).items() if "running" in k}
+                  for path in (checkpoint / "pretrained" / "model.safetensors",
+                               tmp_path / "full" / "pretrained" / "model.safetensors")]
+    assert statistics[0] and all(torch.equal(statistics[0][k], statistics[1][k]) for k in statistics[0])
     resumed_dir = tmp_path / "resumed"
-    pretrain(run_config(world, resumed_dir, resume=str(checkpoint)))
+    pretrain(run_config(world, resumed_dir, resume=str(checkpoint), freeze_backbone_norm_at=2))
     resumed = {r["step"]: r["loss"] for r in read_metrics(resumed_dir) if "loss" in r}
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):

@@ -196,6 +196,7 @@ class Backbone(nn.Module):
         self.norm = GroupNorm1(hidden_size) if config.norm == "group" else nn.BatchNorm2d(hidden_size)
         if config.channels_last:
             self.to(memory_format=torch.channels_last)
+        self.norm_statistics_frozen = False
         self.train()
 
     def train(self, mode: bool = True) -> "Backbone":
@@ -203,7 +204,18 @@ class Backbone(nn.Module):
         # A frozen stage is a fixed function: its BatchNorm statistics (and any dropout) stay as loaded.
         for child in self.frozen_modules:
             self.cnn.get_submodule(child).eval()
+        if self.norm_statistics_frozen:
+            for module in self.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
         return self
+
+    def freeze_norm_statistics(self) -> None:
+        """From now on every BatchNorm normalises with its running statistics and stops updating
+        them (its affine weights still train): a cell's features, and so its dictionary entry,
+        no longer depend on the rest of the batch, and training sees what evaluation sees."""
+        self.norm_statistics_frozen = True
+        self.train(self.training)
 
     def _checkpointed_features(self, x: Tensor) -> Tensor:
         for index, names in enumerate(self.stages):

@@ -75,8 +75,13 @@ class TrainConfig:
     """Held-out image-caption shards evaluated at the end (and every ``eval_every`` steps)."""
     eval_every: int = 0
     eval_batches: int = 20
+    freeze_backbone_norm_at: Optional[int] = None
+    """From this optimizer step on, the backbone's BatchNorm layers use their running statistics
+    (``Backbone.freeze_norm_statistics``), so dictionary assignments stop depending on the batch."""
 
     def __post_init__(self):
+        if self.freeze_backbone_norm_at is not None and self.freeze_backbone_norm_at < 0:
+            raise ConfigError(f"train.freeze_backbone_norm_at must be >= 0, got {self.freeze_backbone_norm_at}")
         for name in ("max_steps", "batch_size", "log_every", "save_every", "keep_last", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")

@@ -233,6 +233,8 @@ def pretrain(config: PretrainConfig) -> Dict[str, float]:
     model.train()
     batches = iter(loader)
     while step < train.max_steps:
+        if train.freeze_backbone_norm_at is not None and step >= train.freeze_backbone_norm_at:
+            accelerator.unwrap_model(model).soho.backbone.freeze_norm_statistics()
         batch = next(batches)
         positions[batch["worker"]] = batch["position"]
         skipped = sum(batch["skipped"].values())
