@@ -1,0 +1,52 @@
+"""Convert Visual Genome to soho shards: ``pretrain`` (region descriptions as captions, COCO Karpathy
+val/test images left out) and, with --relationships, ``relations`` (subject-predicate-object with boxes).
+
+--root is the unpacked release (image_data.json, region_descriptions.json, VG_100K/, VG_100K_2/ from
+https://homes.cs.washington.edu/~ranjay/visualgenome/api.html); loading region_descriptions.json
+takes several GB of memory.
+
+    python data_scripts/convert_visual_genome.py --root data/raw/visual_genome \\
+        --exclude-coco data/raw/karpathy/dataset_coco.json \\
+        --relationships data/raw/visual_genome/relationships.json --out data/vg
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from soho.data.convert.visual_genome import visual_genome_conversion  # noqa: E402
+from soho.data.convert.writer import add_arguments, run  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, required=True,
+                        help="the unpacked release: image_data.json, region_descriptions.json, VG_100K/, VG_100K_2/")
+    parser.add_argument("--image-data", type=Path, help="default: <root>/image_data.json")
+    parser.add_argument("--region-descriptions", type=Path, help="default: <root>/region_descriptions.json")
+    parser.add_argument("--images", type=Path, help="directory holding VG_100K/ and VG_100K_2/ (default: <root>)")
+    parser.add_argument("--relationships", type=Path,
+                        help="relationships.json: also write the 'relations' split (visual relation probing)")
+    parser.add_argument("--exclude-coco", type=Path,
+                        help="Karpathy's dataset_coco.json: its val and test images are left out of 'pretrain'")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        conversion = visual_genome_conversion(
+            image_data=args.image_data or args.root / "image_data.json",
+            region_descriptions=args.region_descriptions or args.root / "region_descriptions.json",
+            images=args.images or args.root, relationships=args.relationships, exclude_coco=args.exclude_coco)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    if args.exclude_coco is None:
+        print("warning: without --exclude-coco, COCO Karpathy val/test images stay in 'pretrain' and COCO "
+              "retrieval results are no longer held out", file=sys.stderr)
+    run(conversion, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
