@@ -3,6 +3,7 @@ import tarfile
 
 import pytest
 from imagefiles import write_corrupt_image, write_image
+from PIL import Image
 
 from soho.data.convert import Conversion, Problem, Sample, TarMember, WriteOptions, convert, safe_key
 from soho.data.pretraining import decode_captioned_image
@@ -58,6 +59,24 @@ def test_resize_keeps_aspect_and_rescales_boxes(tmp_path):
     assert image.size == (100, 50) and (record["width"], record["height"]) == (100, 50)
     assert record["objects"][0]["box"] == [5.0, 10.0, 50.0, 30.0]
     assert "jpg" in sample  # resized images are re-encoded as JPEG
+
+
+def test_boxes_scale_per_axis_when_rounding_differs(tmp_path):
+    path = write_image(tmp_path / "odd.jpg", 51, 32)
+    items = [Sample("a", {"captions": ["x"], "box": [0, 0, 51, 32]}, {"": path})]
+    convert(Conversion("test", {"s": items}, {"s": "image_text"}), tmp_path / "out",
+            options=WriteOptions(max_short_side=16))
+    record, _, image = decode_captioned_image(_read(tmp_path / "out", "s")[0])
+    assert image.size == (26, 16) and record["box"] == [0.0, 0.0, 26.0, 16.0]
+
+
+def test_cmyk_tiff_is_stored_as_rgb_png(tmp_path):
+    path = tmp_path / "cmyk.tif"
+    Image.open(write_image(tmp_path / "rgb.png", format="PNG")).convert("CMYK").save(path, format="TIFF")
+    convert(Conversion("test", {"s": [Sample("a", {"captions": ["x"]}, {"": path})]}, {"s": "image_text"}),
+            tmp_path / "out")
+    sample = _read(tmp_path / "out", "s")[0]
+    assert "png" in sample and decode_captioned_image(sample)[2].size == (48, 32)
 
 
 def test_long_side_cap_and_other_formats(tmp_path):

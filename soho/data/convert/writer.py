@@ -129,11 +129,13 @@ def _target_size(width: int, height: int, options: WriteOptions) -> Tuple[int, i
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def prepare_image(data: bytes, options: WriteOptions, name: str = "") -> Tuple[bytes, str, Tuple[int, int], float]:
-    """(stored bytes, extension, (width, height) stored, scale) of an image file's bytes.
+def prepare_image(data: bytes, options: WriteOptions, name: str = "") -> Tuple[bytes, str, Tuple[int, int],
+                                                                              Tuple[float, float]]:
+    """(stored bytes, extension, (width, height) stored, (x scale, y scale)) of an image file's bytes.
 
     The image is fully decoded, so truncated files are caught here and not in training.
-    Images already within the size caps keep their original bytes."""
+    Images already within the size caps keep their original bytes; the others are stored
+    as RGB JPEG (resized) or PNG (a format the readers do not take)."""
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
@@ -142,24 +144,28 @@ def prepare_image(data: bytes, options: WriteOptions, name: str = "") -> Tuple[b
     width, height = image.size
     target = _target_size(width, height, options)
     if target == (width, height) and image.format in STORED_FORMATS:
-        return data, STORED_FORMATS[image.format], (width, height), 1.0
-    if target != (width, height):
-        image = image.convert("RGB").resize(target, Image.BICUBIC)
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=options.jpeg_quality)
-        return buffer.getvalue(), "jpg", target, target[0] / width
+        return data, STORED_FORMATS[image.format], (width, height), (1.0, 1.0)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue(), "png", target, 1.0
+    try:
+        # Readers decode to RGB anyway; converting first also makes CMYK or 16-bit files storable.
+        if target != (width, height):
+            image.convert("RGB").resize(target, Image.BICUBIC).save(buffer, format="JPEG",
+                                                                     quality=options.jpeg_quality)
+        else:
+            image.convert("RGB").save(buffer, format="PNG")
+    except (OSError, ValueError) as error:
+        raise ImageProblem("corrupt_image", f"{name}: cannot re-encode: {error!r}") from None
+    extension = "jpg" if target != (width, height) else "png"
+    return buffer.getvalue(), extension, target, (target[0] / width, target[1] / height)
 
 
-def scale_boxes(value: Any, scale: float) -> Any:
-    """``value`` with every ``box`` entry, at any depth, multiplied by ``scale``."""
+def scale_boxes(value: Any, scale: Tuple[float, float]) -> Any:
+    """``value`` with every ``box`` entry ``[x0, y0, x1, y1]``, at any depth, scaled by (x scale, y scale)."""
     if isinstance(value, dict):
-        return {key: [round(c * scale, 2) for c in item] if key == "box" else scale_boxes(item, scale)
-                for key, item in value.items()}
+        return {key: [round(c * scale[i % 2], 2) for i, c in enumerate(item)] if key == "box"
+                else scale_boxes(item, scale) for key, item in value.items()}
     if isinstance(value, list):
-        return [scale_boxes(v, scale) for v in value]
+        return [scale_boxes(item, scale) for item in value]
     return value
 
 
@@ -234,7 +240,7 @@ def write_shard(job: ShardJob) -> Dict[str, Any]:
                         members[f"{slot}.{extension}" if slot else extension] = data
                         if not slot:
                             record["width"], record["height"] = width, height
-                            if scale != 1.0:
+                            if scale != (1.0, 1.0):
                                 record = scale_boxes(record, scale)
                 except ImageProblem as problem:
                     problems.append(Problem(sample.key, problem.reason, problem.detail, job.split))
@@ -275,7 +281,8 @@ class Conversion:
     tasks: Mapping[str, str]
     inputs: Dict[str, Any] = field(default_factory=dict)
     extra: Dict[str, Any] = field(default_factory=dict)
-    """More manifest entries (e.g. an answer vocabulary's size), computed by the converter."""
+    """More manifest entries (e.g. an answer vocabulary's size). Read after every split's stream
+    is exhausted, so a converter may fill tallies in here while its streams are consumed."""
 
 
 def _plan_jobs(conversion: Conversion, root: Path, shard_size: int, options: WriteOptions, settings_digest: str,
