@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Literal, Optional
 
 import pytest
@@ -83,3 +84,11 @@ def test_yaml_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("encoder: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(SohoConfig, tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parents[1] / "configs").glob("*/*.yaml")
+                                        if p.parent.name in ("pretrain", "finetune")))
+def test_shipped_configs_validate(path):
+    from soho.train.config import FinetuneConfig, PretrainConfig
+    config = load_config(PretrainConfig if "/pretrain/" in path else FinetuneConfig, path)
+    assert config.train.output_dir.startswith("runs/")
