@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soho.data.convert.karpathy import OUTPUT_SPLITS, flickr30k_karpathy_conversion  # noqa: E402
-from soho.data.convert.writer import add_arguments, run  # noqa: E402
+from soho.data.convert.writer import command_line  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -25,10 +25,8 @@ def main(argv=None) -> int:
     parser.add_argument("--images", required=True, help="the flickr30k-images folder (<flickr id>.jpg)")
     parser.add_argument("--splits", nargs="+", choices=list(OUTPUT_SPLITS["flickr30k"]), default=None,
                         help="output splits to write (default: all)")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    run(flickr30k_karpathy_conversion(args.karpathy_json, args.images, args.splits), args)
-    return 0
+    return command_line(
+        parser, lambda args: flickr30k_karpathy_conversion(args.karpathy_json, args.images, args.splits), argv)
 
 
 if __name__ == "__main__":

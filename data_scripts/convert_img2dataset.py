@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soho.data.convert.img2dataset import convert_img2dataset  # noqa: E402
-from soho.data.convert.writer import add_arguments, run  # noqa: E402
+from soho.data.convert.writer import command_line  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,14 +34,7 @@ def main(argv=None) -> int:
                         help="img2dataset's --output_folder (00000.tar, 00000_stats.json, ...)")
     parser.add_argument("--source", required=True, help="dataset name stored in every record, e.g. cc3m or sbu")
     parser.add_argument("--split", default="pretrain", help="output split (default: %(default)s)")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        conversion = convert_img2dataset(args.input, args.source, args.split)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
-    run(conversion, args)
-    return 0
+    return command_line(parser, lambda args: convert_img2dataset(args.input, args.source, args.split), argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soho.data.convert.nlvr2 import SPLITS, convert_nlvr2  # noqa: E402
-from soho.data.convert.writer import add_arguments, run  # noqa: E402
+from soho.data.convert.writer import command_line  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -26,14 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--images", required=True, help="folder the authors' image archives were unpacked into")
     parser.add_argument("--splits", nargs="+", choices=SPLITS, default=None,
                         help="default: train dev test1, and test2 when its file and images are there")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        conversion = convert_nlvr2(args.annotations, args.images, args.splits)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
-    run(conversion, args)
-    return 0
+    return command_line(parser, lambda args: convert_nlvr2(args.annotations, args.images, args.splits), argv)
 
 
 if __name__ == "__main__":

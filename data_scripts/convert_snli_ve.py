@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soho.data.convert.snli_ve import SPLITS, convert_snli_ve  # noqa: E402
-from soho.data.convert.writer import add_arguments, run  # noqa: E402
+from soho.data.convert.writer import command_line  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -25,14 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("--annotations", required=True, help="folder with snli_ve_train.jsonl, _dev.jsonl, _test.jsonl")
     parser.add_argument("--images", required=True, help="the Flickr30k images folder (flickr30k-images/)")
     parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="default: %(default)s")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        conversion = convert_snli_ve(args.annotations, args.images, args.splits)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
-    run(conversion, args)
-    return 0
+    return command_line(parser, lambda args: convert_snli_ve(args.annotations, args.images, args.splits), argv)
 
 
 if __name__ == "__main__":

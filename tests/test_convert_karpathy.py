@@ -6,7 +6,12 @@ import pytest
 from imagefiles import write_corrupt_image, write_image
 
 from soho.data.convert import convert
-from soho.data.convert.karpathy import coco_karpathy_conversion, flickr30k_karpathy_conversion, karpathy_coco_ids
+from soho.data.convert.karpathy import (
+    coco_karpathy_conversion,
+    flickr30k_karpathy_conversion,
+    karpathy_coco_ids,
+    karpathy_image_splits,
+)
 from soho.data.pretraining import PretrainingDataConfig, PretrainingDataset, decode_captioned_image
 from soho.data.retrieval import read_retrieval_split
 from soho.data.shards import SkipCounter, expand_urls, read_shard
@@ -135,8 +140,8 @@ def test_bad_entries_are_listed_once_and_bad_files_fail_early(coco, tmp_path):
     data["images"][2]["sentences"][3]["raw"] = "   "
     data["images"].append({"filename": "x.jpg", "split": "extra", "sentences": []})
     karpathy_json.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"images\[4\] \(train\): 'cocoid' is None"):
-        karpathy_coco_ids(karpathy_json, splits=("train",))  # an image that could not be excluded
+    with pytest.raises(ValueError, match=r"images\[4\] \(train\): 'cocoid' is None; it cannot be left out"):
+        karpathy_coco_ids(karpathy_json, splits=("train",))
     manifest = convert(coco_karpathy_conversion(karpathy_json, coco_root), tmp_path / "out")
     assert sorted((p["split"], p["reason"]) for p in manifest["problems"] if p["reason"] == "bad_record") == [
         ("pretrain", "bad_record"), ("retrieval_train", "bad_record"), ("retrieval_train", "bad_record"),
@@ -173,6 +178,13 @@ def test_flickr30k_command_line_with_resize(tmp_path, capsys):
         images.append(_entry(imgid, split, f"{flickr_id}.jpg", 5, f"flickr {flickr_id}"))
     karpathy_json = tmp_path / "dataset_flickr30k.json"
     karpathy_json.write_text(json.dumps({"images": images, "dataset": "flickr30k"}))
+    # Flickr ids (file name stems) of val/test: what Visual Genome's pretrain split leaves out.
+    assert karpathy_image_splits(karpathy_json, "flickr30k") == {1007129816: "val", 1009434119: "test",
+                                                                 101362133: "test"}
+    unnamed = tmp_path / "unnamed.json"
+    unnamed.write_text(json.dumps({"images": [_entry(0, "test", "thumbnail.jpg", 5, "x")], "dataset": "flickr30k"}))
+    with pytest.raises(ValueError, match=r"images\[0\] \(test\): 'filename' is 'thumbnail.jpg', not <flickr id>.jpg"):
+        karpathy_image_splits(unnamed, "flickr30k")
     out = tmp_path / "flickr30k"
     _load_script("convert_flickr30k").main([
         "--karpathy-json", str(karpathy_json), "--images", str(tmp_path / "flickr30k-images"), "--out", str(out),

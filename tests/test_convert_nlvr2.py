@@ -46,6 +46,8 @@ def make_nlvr2(root: Path, test2: bool = False):
         example("dev-12-3-0", "A bird sits on a branch.", "True"),  # corrupt left image
         '{"validation": {"3": "True"}, "sentence": "cut off',  # line 4: not JSON
     ])
+    with open(data / "dev.json", "ab") as stream:  # line 5: Latin-1, not UTF-8
+        stream.write(json.dumps(example("dev-9-9-0", "A café.", "True"), ensure_ascii=False).encode("latin-1") + b"\n")
     write_lines(data / "test1.json", [
         example("test1-0-1-0", "Exactly three bottles are visible.", "True"),
         example("test1-5-2-1", "The left image is black and white.", "False"),  # right image missing
@@ -80,13 +82,15 @@ def test_converts_official_files_and_lists_every_planted_problem(tmp_path):
     manifest = convert(convert_nlvr2(data, images), tmp_path / "out", shard_size=2)
     splits = manifest["splits"]
     assert {s: (e["samples"], e["images"], e["dropped"]) for s, e in splits.items()} == {
-        "nlvr2_train": (3, 6, 1), "nlvr2_dev": (2, 4, 2), "nlvr2_test1": (1, 2, 1)}
+        "nlvr2_train": (3, 6, 1), "nlvr2_dev": (2, 4, 3), "nlvr2_test1": (1, 2, 1)}
     assert all(e["task"] == "nlvr2" for e in splits.values())
     assert sorted((p["split"], p["key"], p["reason"]) for p in manifest["problems"]) == [
         ("nlvr2_dev", "dev-12-3-0", "corrupt_image"), ("nlvr2_dev", "dev.json:4", "bad_json"),
-        ("nlvr2_test1", "test1-5-2-1", "missing_image"), ("nlvr2_train", "train-77-1-0", "bad_label")]
+        ("nlvr2_dev", "dev.json:5", "bad_json"), ("nlvr2_test1", "test1-5-2-1", "missing_image"),
+        ("nlvr2_train", "train-77-1-0", "bad_label")]
     details = {p["key"]: p["detail"] for p in manifest["problems"]}
     assert f"{data / 'dev.json'}:4" in details["dev.json:4"] and f"{data / 'train.json'}:4" in details["train-77-1-0"]
+    assert details["dev.json:5"].startswith(f"{data / 'dev.json'}:5: not UTF-8")
     assert "test1-5-2-img1.png" in details["test1-5-2-1"]
 
     train = {s["__key__"]: s for s in read_split(tmp_path / "out", "nlvr2_train")}

@@ -44,7 +44,8 @@ def relationship(relationship_id, predicate, subject, object_):
 
 def write_release(root: Path) -> Path:
     """The v1.2 release layout: image_data.json, region_descriptions.json, relationships.json, VG_100K{,_2}/
-    (plus Karpathy's dataset_coco.json), nine images with one planted problem each where noted."""
+    (plus Karpathy's dataset_coco.json and dataset_flickr30k.json), images with one planted problem each where
+    noted. Image i has flickr_id 1000 + i."""
     images = {  # image_id: (folder in the url, folder on disk or None for no file, coco_id)
         1: ("VG_100K_2", "VG_100K_2", None),
         2: ("VG_100K", "VG_100K_2", 100),  # the url names the other folder: found there anyway
@@ -54,6 +55,7 @@ def write_release(root: Path) -> Path:
         6: ("VG_100K", "VG_100K", None),  # only empty phrases: no_captions; no relationships
         7: ("VG_100K", "VG_100K", None),  # in image_data.json only: missing_annotation
         9: ("VG_100K_2", "VG_100K_2", 300),  # COCO Karpathy restval: kept
+        10: ("VG_100K", "VG_100K", None),  # Flickr30k Karpathy test: excluded_overlap in pretrain
     }
     image_data = []
     for image_id, (url_folder, folder, coco_id) in images.items():
@@ -76,6 +78,7 @@ def write_release(root: Path) -> Path:
         6: [region(601, 6, " ", 1, 1, 10, 10)],
         8: [region(801, 8, "a ghost", 1, 1, 10, 10)],  # not in image_data.json: unknown_image
         9: [region(901, 9, "two men talking", -4, 2, 20, 20)],
+        10: [region(1001, 10, "a bridge", 1, 1, 10, 10)],
     }
     region_descriptions = [{"regions": items, "id": image_id} for image_id, items in regions.items()]
     car, road = end(11, 2, 3, 20, 10, name="Car"), end(12, 0, 20, 48, 12, names=["road", "street"])
@@ -90,20 +93,27 @@ def write_release(root: Path) -> Path:
         8: [relationship(8001, "in", end(81, 1, 1, 5, 5, name="ghost"), end(82, 0, 0, 9, 9, name="house"))],
         9: [relationship(9001, "Talking to", end(91, 2, 2, 10, 20, names=["man"]),
                          end(92, 30, 2, 30, 20, name="man"))],  # object clipped
+        10: [relationship(10001, "over", end(101, 0, 0, 48, 10, name="bridge"), end(102, 0, 10, 48, 22,
+                                                                                     name="river"))],
     }
     relationship_entries = [{"relationships": items, "image_id": image_id} for image_id, items in relationships.items()]
     karpathy = {"dataset": "coco", "images": [
         {"filepath": "train2014", "filename": f"COCO_train2014_{cocoid:012d}.jpg", "imgid": i, "split": split,
          "sentids": [i], "sentences": [{"tokens": ["a"], "raw": "A.", "imgid": i, "sentid": i}], "cocoid": cocoid}
         for i, (cocoid, split) in enumerate([(100, "train"), (200, "test"), (250, "val"), (300, "restval")])]}
+    karpathy_flickr30k = {"dataset": "flickr30k", "images": [  # filename: <flickr id>.jpg
+        {"filename": f"{flickr_id}.jpg", "imgid": i, "split": split, "sentids": [i],
+         "sentences": [{"tokens": ["a"], "raw": "A.", "imgid": i, "sentid": i}]}
+        for i, (flickr_id, split) in enumerate([(1001, "train"), (1010, "test"), (5555, "val")])]}
     for name, content in [("image_data.json", image_data), ("region_descriptions.json", region_descriptions),
-                          ("relationships.json", relationship_entries), ("dataset_coco.json", karpathy)]:
+                          ("relationships.json", relationship_entries), ("dataset_coco.json", karpathy),
+                          ("dataset_flickr30k.json", karpathy_flickr30k)]:
         (root / name).write_text(json.dumps(content))
     return root
 
 
-PRETRAIN_PROBLEMS = [("3", "excluded_overlap"), ("4", "corrupt_image"), ("5", "missing_image"), ("6", "no_captions"),
-                     ("7", "missing_annotation"), ("8", "unknown_image")]
+PRETRAIN_PROBLEMS = [("10", "excluded_overlap"), ("3", "excluded_overlap"), ("4", "corrupt_image"),
+                     ("5", "missing_image"), ("6", "no_captions"), ("7", "missing_annotation"), ("8", "unknown_image")]
 RELATIONS_PROBLEMS = [("2", "no_relations"), ("4", "corrupt_image"), ("5", "missing_image"), ("6", "no_relations"),
                       ("7", "missing_annotation"), ("8", "unknown_image")]
 
@@ -116,7 +126,7 @@ def release(tmp_path):
 def conversion_of(release, **overrides):
     arguments = dict(image_data=release / "image_data.json", region_descriptions=release / "region_descriptions.json",
                      images=release, relationships=release / "relationships.json",
-                     exclude_coco=release / "dataset_coco.json")
+                     exclude_coco=release / "dataset_coco.json", exclude_flickr30k=release / "dataset_flickr30k.json")
     return visual_genome_conversion(**{**arguments, **overrides})
 
 
@@ -133,16 +143,19 @@ def problems_of(manifest, split):
 
 def test_pretrain_and_relations_list_exactly_the_planted_problems(release, tmp_path):
     manifest = convert(conversion_of(release), tmp_path / "vg", shard_size=2)
-    assert manifest["splits"]["pretrain"]["samples"] == 3 and manifest["splits"]["relations"]["samples"] == 3
+    assert manifest["splits"]["pretrain"]["samples"] == 3 and manifest["splits"]["relations"]["samples"] == 4
     assert manifest["splits"]["pretrain"]["task"] == "image_text"
     assert problems_of(manifest, "pretrain") == PRETRAIN_PROBLEMS
     assert problems_of(manifest, "relations") == RELATIONS_PROBLEMS
     assert all(p["detail"] for p in manifest["problems"])
-    assert manifest["excluded_coco_ids"] == 2  # Karpathy val + test
+    overlaps = {p["key"]: p["detail"] for p in manifest["problems"] if p["reason"] == "excluded_overlap"}
+    assert overlaps == {"3": "image 3: coco_id 200 is in COCO Karpathy test",
+                        "10": "image 10: flickr_id 1010 is in Flickr30k Karpathy test"}
+    assert manifest["excluded_coco_ids"] == manifest["excluded_flickr30k_ids"] == 2  # Karpathy val + test
     # Tallied when planned: the regions of images 4 and 5 count, though the writer then drops those images.
     assert manifest["regions"] == {"regions_read": 10, "regions_kept": 6, "malformed": 0, "empty_phrase": 3,
                                    "empty_box": 1, "clipped_box": 2, "repeated_caption": 1}
-    assert manifest["relationships"] == {"relationships_read": 7, "relationships_kept": 5, "malformed": 0,
+    assert manifest["relationships"] == {"relationships_read": 8, "relationships_kept": 6, "malformed": 0,
                                          "empty_predicate": 1, "missing_name": 0, "empty_box": 1, "clipped_box": 1}
 
     records = {}
@@ -150,7 +163,7 @@ def test_pretrain_and_relations_list_exactly_the_planted_problems(release, tmp_p
         record, captions, image = decode_captioned_image(sample)
         assert image.size == (WIDTH, HEIGHT) and (record["width"], record["height"]) == (WIDTH, HEIGHT)
         records[record["image_id"]] = record
-    assert sorted(records) == ["1", "2", "9"]
+    assert sorted(records) == ["1", "2", "9"]  # 1 is a Flickr30k train image: kept
     first = records["1"]
     assert first["captions"] == ["a red car", "the sky"]  # whitespace collapsed, repeats and empty phrases dropped
     assert first["regions"] == [{"phrase": "a red car", "box": [2, 3, 22, 13], "region_id": 101},
@@ -163,7 +176,7 @@ def test_pretrain_and_relations_list_exactly_the_planted_problems(release, tmp_p
         record = decode_json(sample)
         assert decode_image(sample).size == (WIDTH, HEIGHT) and "captions" not in record
         relations[record["image_id"]] = record["relations"]
-    assert sorted(relations) == ["1", "3", "9"]  # pre-training's exclusion does not apply to probing
+    assert sorted(relations) == ["1", "10", "3", "9"]  # pre-training's exclusions do not apply to probing
     assert relations["1"] == [{"predicate": "on", "relationship_id": 1001,
                                "subject": {"name": "car", "box": [2, 3, 22, 13], "object_id": 11},
                                "object": {"name": "road", "box": [0, 20, 48, 32], "object_id": 12}}]
@@ -223,9 +236,10 @@ def test_bad_inputs_fail_before_any_work_naming_the_file(release, tmp_path):
         conversion_of(release, relationships=release / "objects.json")
     with pytest.raises(ValueError, match="image_data.json: .*'regions' list"):
         conversion_of(release, region_descriptions=release / "image_data.json")
-    (release / "dataset_flickr30k.json").write_text(json.dumps({"dataset": "flickr30k", "images": []}))
     with pytest.raises(ValueError, match="dataset_flickr30k.json holds the Karpathy split of 'flickr30k'"):
         conversion_of(release, exclude_coco=release / "dataset_flickr30k.json")
+    with pytest.raises(ValueError, match="dataset_coco.json holds the Karpathy split of 'coco', not of 'flickr30k'"):
+        conversion_of(release, exclude_flickr30k=release / "dataset_coco.json")
     assert not (tmp_path / "vg").exists()
 
 
@@ -250,15 +264,17 @@ def test_clip_box():
 
 def test_command_line_in_parallel_and_resumed(release, tmp_path, capsys):
     argv = ["--root", str(release), "--relationships", str(release / "relationships.json"),
-            "--exclude-coco", str(release / "dataset_coco.json"), "--out", str(tmp_path / "vg"),
+            "--exclude-coco", str(release / "dataset_coco.json"),
+            "--exclude-flickr30k", str(release / "dataset_flickr30k.json"), "--out", str(tmp_path / "vg"),
             "--workers", "2", "--shard-size", "2", "--max-short-side", "16"]
     assert main(argv) == 0
     manifest = json.loads((tmp_path / "vg" / "manifest.json").read_text())
     assert problems_of(manifest, "pretrain") == PRETRAIN_PROBLEMS
-    assert [len(manifest["splits"][s]["shards"]) for s in ("pretrain", "relations")] == [3, 3]  # 6 planned each
-    assert "excluded_overlap 1" in capsys.readouterr().out
+    assert [len(manifest["splits"][s]["shards"]) for s in ("pretrain", "relations")] == [3, 3]  # 5 and 6 planned
+    assert "excluded_overlap 2" in capsys.readouterr().out
     assert main(argv + ["--resume"]) == 0
     again = json.loads((tmp_path / "vg" / "manifest.json").read_text())
     assert again["resumed_shards"] == 6 and again["splits"] == manifest["splits"]  # the plan is deterministic
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stopped:
         main(["--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
+    assert stopped.value.code == 2 and "nowhere" in capsys.readouterr().err

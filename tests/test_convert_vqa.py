@@ -174,7 +174,7 @@ def test_converts_every_split_lists_planted_problems_and_loads(tmp_path):
 def test_cli_minival_by_image_hash_resizes_and_caps_the_vocabulary(tmp_path):
     vqa, coco = make_vqa(tmp_path)
     out = tmp_path / "out"
-    assert main(["--vqa-dir", str(vqa), "--coco-dir", str(coco), "--out", str(out), "--splits", "train", "val",
+    assert main(["--vqa-dir", str(vqa), "--images", str(coco), "--out", str(out), "--splits", "train", "val",
                  "--minival-images", "1", "--answer-vocabulary-size", "4", "--max-short-side", "16",
                  "--workers", "1"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())

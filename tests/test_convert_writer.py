@@ -1,5 +1,7 @@
+import importlib
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 from imagefiles import write_corrupt_image, write_image
@@ -133,3 +135,28 @@ def test_safe_key_and_bad_shard_size(tmp_path):
     assert safe_key("2248275918.jpg#1r1e") == "2248275918_jpg_1r1e"
     with pytest.raises(ValueError, match="shard_size"):
         convert(Conversion("test", {}, {}), tmp_path, shard_size=0)
+
+
+SCRIPTS = {  # every converter script with its required inputs, "{missing}" a path that does not exist
+    "convert_coco": ["--karpathy-json", "{missing}", "--images", "{folder}"],
+    "convert_flickr30k": ["--karpathy-json", "{missing}", "--images", "{folder}"],
+    "convert_flickr30k_entities": ["--entities", "{missing}", "--images", "{folder}"],
+    "convert_img2dataset": ["--input", "{missing}", "--source", "cc3m"],
+    "convert_nlvr2": ["--annotations", "{missing}", "--images", "{folder}"],
+    "convert_snli_ve": ["--annotations", "{missing}", "--images", "{folder}"],
+    "convert_visual_genome": ["--root", "{missing}"],
+    "convert_vqa": ["--vqa-dir", "{missing}", "--images", "{folder}"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_every_script_reports_a_missing_input_in_one_line(script, tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "data_scripts"))
+    main = importlib.import_module(script).main
+    argv = [arg.format(missing=tmp_path / "nowhere", folder=tmp_path) for arg in SCRIPTS[script]]
+    with pytest.raises(SystemExit) as stopped:
+        main(argv + ["--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and len(error.splitlines()) == 1  # no usage, no traceback
+    assert "error: " in error and str(tmp_path / "nowhere") in error
+    assert not (tmp_path / "out").exists()

@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+from soho.data.convert.inputs import require_file
 from soho.data.convert.writer import Conversion, Problem, Sample, safe_key
 
 SPLIT_FILES = {"entities_train": "train.txt", "entities_val": "val.txt", "entities_test": "test.txt"}
@@ -131,8 +132,7 @@ def _flag(element: ET.Element, tag: str, number: int) -> bool:
 
 def read_split_ids(path: Path) -> List[str]:
     """The image ids of ``train.txt`` / ``val.txt`` / ``test.txt``."""
-    if not path.is_file():
-        raise FileNotFoundError(f"Flickr30k Entities split file not found: {path}")
+    require_file(path, "Flickr30k Entities split file")
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
+from soho.data.convert.inputs import load_json
 from soho.data.convert.writer import Conversion, Problem, Sample, TarMember, safe_key
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -47,10 +48,7 @@ def stats_path(tar: Path) -> Path:
 
 def read_stats(path: Path) -> Dict[str, Any]:
     """One shard's stats file; an error naming the file when it is not img2dataset's."""
-    try:
-        stats = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    stats = load_json(path, "img2dataset stats file")
     if not isinstance(stats, dict) or not all(isinstance(stats.get(name), int) for name in STATS_COUNTS):
         raise ValueError(f"{path}: expected img2dataset's shard stats, a JSON object with integer "
                          f"{', '.join(STATS_COUNTS)}")

@@ -19,10 +19,10 @@ COCO images have six or seven), and the manifest counts the captions cut under `
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
+from soho.data.convert.inputs import load_json
 from soho.data.convert.writer import Conversion, Problem, Sample, safe_key
 
 EVAL_CAPTIONS = 5
@@ -42,19 +42,13 @@ EVAL_OUTPUT_SPLITS = ("retrieval_val", "retrieval_test")
 
 
 class BadRecord(ValueError):
-    """An entry of ``images`` that cannot become a sample; the message says why."""
+    """An entry of ``images`` that cannot become a sample or be identified; the message says why."""
 
 
 def load_karpathy(path: Union[str, Path], dataset: str) -> List[Any]:
     """The ``images`` list of a Karpathy split file, after checking it is the file for ``dataset``."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Karpathy split file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as stream:
-            data = json.load(stream)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not a JSON file: {error}") from None
+    data = load_json(path, "Karpathy split file")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{path}: expected an object with an 'images' list (Karpathy's dataset_{dataset}.json)")
     if data.get("dataset") != dataset:
@@ -62,23 +56,55 @@ def load_karpathy(path: Union[str, Path], dataset: str) -> List[Any]:
     return data["images"]
 
 
-def karpathy_coco_ids(path: Union[str, Path], splits: Iterable[str] = ("val", "test")) -> Set[int]:
-    """COCO ids of the images in ``splits`` of ``dataset_coco.json``: what pre-training data
-    (e.g. Visual Genome, which shares ~50k images with COCO) must leave out to keep the
-    Karpathy val/test images unseen. An image of ``splits`` without an integer ``cocoid`` is an
-    error, not a skip: it could not be excluded."""
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _cocoid(entry: Mapping[str, Any]) -> int:
+    cocoid = entry.get("cocoid")
+    if not _is_int(cocoid):
+        raise BadRecord(f"'cocoid' is {cocoid!r}")
+    return cocoid
+
+
+def _flickr_id(entry: Mapping[str, Any]) -> int:
+    """The Flickr id a Flickr30k entry's file is named by (``<flickr id>.jpg``)."""
+    filename = entry.get("filename")
+    stem = Path(filename).stem if isinstance(filename, str) else ""
+    if not (stem.isascii() and stem.isdigit()):
+        raise BadRecord(f"'filename' is {filename!r}, not <flickr id>.jpg")
+    return int(stem)
+
+
+IMAGE_IDS = {"coco": _cocoid, "flickr30k": _flickr_id}
+"""How an entry's image is identified in other datasets: COCO id, or Flickr id (as Visual Genome's
+``coco_id`` / ``flickr_id``)."""
+
+
+def karpathy_image_splits(path: Union[str, Path], dataset: str,
+                          splits: Iterable[str] = ("val", "test")) -> Dict[int, str]:
+    """COCO id (``dataset="coco"``) or Flickr id (``"flickr30k"``) -> Karpathy split, of the images in ``splits``.
+
+    What pre-training data (e.g. Visual Genome, which shares ~50k images with COCO and is itself
+    made of Flickr images) must leave out to keep the Karpathy val/test images unseen. An image of
+    ``splits`` without an id is an error, not a skip: it could not be left out."""
     splits = set(splits)
-    unknown = splits - set(KARPATHY_SPLITS["coco"])
+    unknown = splits - set(KARPATHY_SPLITS[dataset])
     if unknown or not splits:
-        raise ValueError(f"unknown or no Karpathy splits {sorted(unknown)}; COCO has {KARPATHY_SPLITS['coco']}")
-    ids: Set[int] = set()
-    for index, entry in enumerate(load_karpathy(path, "coco")):
+        raise ValueError(f"unknown or no Karpathy splits {sorted(unknown)}; {dataset} has {KARPATHY_SPLITS[dataset]}")
+    ids: Dict[int, str] = {}
+    for index, entry in enumerate(load_karpathy(path, dataset)):
         if isinstance(entry, dict) and entry.get("split") in splits:
-            cocoid = entry.get("cocoid")
-            if not isinstance(cocoid, int) or isinstance(cocoid, bool):
-                raise ValueError(f"{path} images[{index}] ({entry['split']}): 'cocoid' is {cocoid!r}, not an integer")
-            ids.add(cocoid)
+            try:
+                ids[IMAGE_IDS[dataset](entry)] = entry["split"]
+            except BadRecord as error:
+                raise ValueError(f"{path} images[{index}] ({entry['split']}): {error}; it cannot be left out") from None
     return ids
+
+
+def karpathy_coco_ids(path: Union[str, Path], splits: Iterable[str] = ("val", "test")) -> Set[int]:
+    """COCO ids of the images in ``splits`` of ``dataset_coco.json`` (see ``karpathy_image_splits``)."""
+    return set(karpathy_image_splits(path, "coco", splits))
 
 
 def _image(entry: Mapping[str, Any], dataset: str) -> Tuple[str, str]:
@@ -88,9 +114,7 @@ def _image(entry: Mapping[str, Any], dataset: str) -> Tuple[str, str]:
         raise BadRecord(f"'filename' is {filename!r}")
     if dataset == "flickr30k":
         return Path(filename).stem, filename
-    cocoid, filepath = entry.get("cocoid"), entry.get("filepath")
-    if not isinstance(cocoid, int) or isinstance(cocoid, bool):
-        raise BadRecord(f"'cocoid' is {cocoid!r}")
+    cocoid, filepath = _cocoid(entry), entry.get("filepath")
     if not isinstance(filepath, str) or not filepath:
         raise BadRecord(f"'filepath' is {filepath!r}")
     return str(cocoid), f"{filepath}/{filename}"

@@ -20,12 +20,12 @@ each image under its real format's extension.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
+from soho.data.convert.inputs import first_json_line, read_json_lines, require_file
 from soho.data.convert.writer import Conversion, Problem, Sample, safe_key
 
 logger = logging.getLogger(__name__)
@@ -60,34 +60,11 @@ def check_json_lines(path: Path) -> None:
     """Fail before any work when ``path`` is missing or is not JSON lines of NLVR2 examples.
 
     Re-packaged files of other projects (LXMERT, ALBEF, X-VLM) are one JSON array with other keys."""
-    if not path.is_file():
-        raise FileNotFoundError(f"NLVR2 annotation file not found: {path} (expected nlvr2/data/ of lil-lab/nlvr)")
-    with open(path, encoding="utf-8") as stream:
-        first = next((line for line in stream if line.strip()), "")
-    try:
-        record = json.loads(first)
-    except json.JSONDecodeError:
-        record = None
-    if not isinstance(record, dict) or "identifier" not in record:
+    require_file(path, "NLVR2 annotation file", "expected nlvr2/data/ of lil-lab/nlvr")
+    first = first_json_line(path)
+    if first is None or "identifier" not in first:
         raise ValueError(f"{path} is not NLVR2's JSON lines: its first line is not an object with an 'identifier' "
                          f"(use the files in nlvr2/data/ of https://github.com/lil-lab/nlvr)")
-
-
-def read_examples(path: Path) -> Iterator[Tuple[int, Union[Dict[str, Any], Problem]]]:
-    """(line number, parsed object or the problem with it) for every non-blank line, streamed."""
-    with open(path, encoding="utf-8") as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as error:
-                yield number, Problem(f"{path.name}:{number}", "bad_json", f"{path}:{number}: {error}")
-                continue
-            if not isinstance(example, dict):
-                yield number, Problem(f"{path.name}:{number}", "bad_json", f"{path}:{number}: not a JSON object")
-                continue
-            yield number, example
 
 
 def make_sample(example: Dict[str, Any], split: str, folder: Path, path: Path, number: int) -> Union[Sample, Problem]:
@@ -118,7 +95,7 @@ def make_sample(example: Dict[str, Any], split: str, folder: Path, path: Path, n
 
 
 def split_stream(path: Path, split: str, folder: Path) -> Iterator[Union[Sample, Problem]]:
-    for number, example in read_examples(path):
+    for number, example in read_json_lines(path):
         yield example if isinstance(example, Problem) else make_sample(example, split, folder, path, number)
 
 

@@ -17,10 +17,10 @@ hypothesis about it (about 18 times on average).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Union
 
+from soho.data.convert.inputs import first_json_line, read_json_lines, require_file
 from soho.data.convert.writer import Conversion, Problem, Sample, safe_key
 
 SPLITS = ("train", "dev", "test")
@@ -50,36 +50,13 @@ def check_json_lines(path: Path) -> None:
     """Fail before any work when ``path`` is missing or is not SNLI-VE's JSON lines.
 
     SNLI's own files look alike but name no image; re-packaged files of other projects are JSON arrays."""
-    if not path.is_file():
-        raise FileNotFoundError(f"SNLI-VE annotation file not found: {path} (see https://github.com/necla-ml/SNLI-VE)")
-    with open(path, encoding="utf-8") as stream:
-        first = next((line for line in stream if line.strip()), "")
-    try:
-        record = json.loads(first)
-    except json.JSONDecodeError:
-        record = None
-    if not isinstance(record, dict) or "pairID" not in record:
+    require_file(path, "SNLI-VE annotation file", "see https://github.com/necla-ml/SNLI-VE")
+    first = first_json_line(path)
+    if first is None or "pairID" not in first:
         raise ValueError(f"{path} is not SNLI-VE's JSON lines: its first line is not an object with a 'pairID'")
-    if not any(field in record for field in IMAGE_FIELDS):
+    if not any(field in first for field in IMAGE_FIELDS):
         raise ValueError(f"{path} names no premise image ({' or '.join(IMAGE_FIELDS)}): SNLI itself rather than "
                          f"SNLI-VE? Use the files of https://github.com/necla-ml/SNLI-VE")
-
-
-def read_examples(path: Path) -> Iterator[Tuple[int, Union[Dict[str, Any], Problem]]]:
-    """(line number, parsed object or the problem with it) for every non-blank line, streamed."""
-    with open(path, encoding="utf-8") as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as error:
-                yield number, Problem(f"{path.name}:{number}", "bad_json", f"{path}:{number}: {error}")
-                continue
-            if not isinstance(example, dict):
-                yield number, Problem(f"{path.name}:{number}", "bad_json", f"{path}:{number}: not a JSON object")
-                continue
-            yield number, example
 
 
 def make_sample(example: Dict[str, Any], images: Path, path: Path, number: int) -> Union[Sample, Problem]:
@@ -108,7 +85,7 @@ def make_sample(example: Dict[str, Any], images: Path, path: Path, number: int) 
 
 
 def split_stream(path: Path, images: Path) -> Iterator[Union[Sample, Problem]]:
-    for number, example in read_examples(path):
+    for number, example in read_json_lines(path):
         yield example if isinstance(example, Problem) else make_sample(example, images, path, number)
 
 

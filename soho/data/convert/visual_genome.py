@@ -12,10 +12,11 @@ Inputs, as the release at https://homes.cs.washington.edu/~ranjay/visualgenome/a
 
 ``pretrain`` (SOHO / UNITER use region descriptions as captions) has one sample per image: its
 distinct region phrases as ``captions`` plus every region with its box, so the writer rescales the
-boxes when it resizes. Images whose ``coco_id`` is in COCO's Karpathy val or test split are left out
-(``excluded_overlap``), so the retrieval test images are never seen in pre-training. ``relations``
-(visual relation probing, no exclusion) has one sample per image: every subject-predicate-object
-triple with boxes.
+boxes when it resizes. Images whose ``coco_id`` is in COCO's Karpathy val or test split, or whose
+``flickr_id`` names a Flickr30k Karpathy val or test image (VG images are Flickr images; UNITER
+removes these too), are left out (``excluded_overlap``), so the retrieval test images are never
+seen in pre-training. ``relations`` (visual relation probing, no exclusion) has one sample per
+image: every subject-predicate-object triple with boxes.
 
 Annotation files are read whole with ``json.load`` (``region_descriptions.json`` is ~700 MB on
 disk, 3-5 GB in memory); each is indexed once by image id and its entries are released as their
@@ -29,10 +30,11 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple, Union
 from urllib.parse import urlparse
 
-from soho.data.convert.karpathy import karpathy_coco_ids
+from soho.data.convert.inputs import load_json, require_file
+from soho.data.convert.karpathy import karpathy_image_splits
 from soho.data.convert.writer import Conversion, Problem, Sample, safe_key
 
 SOURCE = "visual_genome"
@@ -76,19 +78,9 @@ class AnnotationIndex:
 
 # ----------------------------------------------------------------------------- reading the files
 
-def _require_file(path: Path, what: str) -> None:
-    if not path.is_file():
-        raise FileNotFoundError(f"Visual Genome {what} not found: {path}")
-
-
 def load_json_list(path: Path, what: str) -> List[Any]:
     """The top-level JSON list of ``path``; an error naming the file when it is missing or not a list."""
-    _require_file(path, what)
-    try:
-        with open(path, encoding="utf-8") as stream:
-            data = json.load(stream)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    data = load_json(path, f"Visual Genome {what}")
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list with one entry per image, got a {type(data).__name__}")
     return data
@@ -98,7 +90,7 @@ def first_entry(path: Path, what: str, chunk_size: int = 1 << 20) -> Any:
     """The first element of the JSON list in ``path`` (``None`` for an empty list), read without loading the file.
 
     Checks a large file's layout before any work, when the whole file is only loaded later."""
-    _require_file(path, what)
+    require_file(path, f"Visual Genome {what}")
     decoder = json.JSONDecoder()
     text = ""
     with open(path, encoding="utf-8") as stream:
@@ -298,11 +290,22 @@ def relations_sample(image: VGImage, entry: Dict[str, Any], where: str, counts: 
 
 # ----------------------------------------------------------------------------- streams
 
+def karpathy_overlap(image: VGImage, coco: Mapping[int, str], flickr30k: Mapping[int, str]) -> Optional[str]:
+    """Why ``image`` stays out of pre-training, or ``None``: ``coco`` and ``flickr30k`` map the COCO and
+    Flickr ids of those datasets' Karpathy val/test images to their split."""
+    if image.coco_id in coco:
+        return f"coco_id {image.coco_id} is in COCO Karpathy {coco[image.coco_id]}"
+    if image.flickr_id in flickr30k:
+        return f"flickr_id {image.flickr_id} is in Flickr30k Karpathy {flickr30k[image.flickr_id]}"
+    return None
+
+
 def per_image(image_data: List[Any], images: Path, annotations: AnnotationIndex,
               make_sample: Callable[[VGImage, Dict[str, Any], str], Item],
-              excluded_coco_ids: Set[int]) -> Iterator[Item]:
+              excluded: Optional[Callable[[VGImage], Optional[str]]] = None) -> Iterator[Item]:
     """One sample or problem per ``image_data.json`` entry, in its order, then every annotation entry
-    left without an image. ``make_sample`` gets the image, its annotation entry and where that entry is."""
+    left without an image. ``make_sample`` gets the image, its annotation entry and where that entry is;
+    ``excluded`` says why an image is left out (``excluded_overlap``), or ``None`` to keep it."""
     name = annotations.path.name
     seen: Set[str] = set()
     for position, entry in enumerate(image_data):
@@ -320,9 +323,10 @@ def per_image(image_data: List[Any], images: Path, annotations: AnnotationIndex,
         image = parse_image(entry, image_id, position, images)
         if isinstance(image, Problem):
             yield image
-        elif image.coco_id is not None and image.coco_id in excluded_coco_ids:
-            yield Problem(image.key, "excluded_overlap",
-                          f"image {image_id}: coco_id {image.coco_id} is in COCO Karpathy val/test")
+            continue
+        reason = excluded(image) if excluded is not None else None
+        if reason is not None:
+            yield Problem(image.key, "excluded_overlap", f"image {image_id}: {reason}")
         elif annotation is None:
             yield Problem(image.key, "missing_annotation", f"image {image_id} has no entry in {name}")
         else:
@@ -337,21 +341,23 @@ def per_image(image_data: List[Any], images: Path, annotations: AnnotationIndex,
 def _relations_stream(image_data: List[Any], images: Path, path: Path, counts: Counter) -> Iterator[Item]:
     # Loaded only now: with the region index already released, the two large files are never in memory together.
     annotations = index_by_image(load_json_list(path, "relationships file"), path)
-    yield from per_image(image_data, images, annotations, partial(relations_sample, counts=counts), set())
+    yield from per_image(image_data, images, annotations, partial(relations_sample, counts=counts))
 
 
 def visual_genome_conversion(image_data: PathLike, region_descriptions: PathLike, images: PathLike,
-                             relationships: Optional[PathLike] = None,
-                             exclude_coco: Optional[PathLike] = None) -> Conversion:
+                             relationships: Optional[PathLike] = None, exclude_coco: Optional[PathLike] = None,
+                             exclude_flickr30k: Optional[PathLike] = None) -> Conversion:
     """The ``pretrain`` split (and ``relations`` when ``relationships`` is given) of Visual Genome.
 
-    ``images`` holds ``VG_100K/`` and ``VG_100K_2/``; ``exclude_coco`` is Karpathy's ``dataset_coco.json``,
-    whose val and test images are left out of ``pretrain``. Missing files and files whose layout is not
-    the release's raise an error naming the file here, before any work."""
+    ``images`` holds ``VG_100K/`` and ``VG_100K_2/``; ``exclude_coco`` and ``exclude_flickr30k`` are
+    Karpathy's ``dataset_coco.json`` and ``dataset_flickr30k.json``, whose val and test images are left
+    out of ``pretrain``. Missing files and files whose layout is not the release's raise an error naming
+    the file here, before any work."""
     image_data, region_descriptions, images = Path(image_data), Path(region_descriptions), Path(images)
     if not images.is_dir():
         raise FileNotFoundError(f"Visual Genome image directory not found: {images} (it holds VG_100K/ and VG_100K_2/)")
-    excluded = karpathy_coco_ids(exclude_coco) if exclude_coco is not None else set()
+    coco = karpathy_image_splits(exclude_coco, "coco") if exclude_coco is not None else {}
+    flickr30k = karpathy_image_splits(exclude_flickr30k, "flickr30k") if exclude_flickr30k is not None else {}
     image_entries = load_json_list(image_data, "image_data.json")
     if image_entries and (_entry_image_id(image_entries[0]) is None or "url" not in image_entries[0]):
         raise ValueError(f"{image_data}: its first entry has no image id and url; is this image_data.json?")
@@ -363,10 +369,11 @@ def visual_genome_conversion(image_data: PathLike, region_descriptions: PathLike
     region_counts = Counter(dict.fromkeys(REGION_COUNTS, 0))
     splits: Dict[str, Iterable[Item]] = {
         "pretrain": per_image(image_entries, images, region_index, partial(pretrain_sample, counts=region_counts),
-                              excluded)}
+                              partial(karpathy_overlap, coco=coco, flickr30k=flickr30k))}
     tasks = {"pretrain": "image_text"}
     # Filled while the writer plans the splits, which it finishes before writing the manifest.
-    extra: Dict[str, Any] = {"excluded_coco_ids": len(excluded), "regions": region_counts}
+    extra: Dict[str, Any] = {"excluded_coco_ids": len(coco), "excluded_flickr30k_ids": len(flickr30k),
+                             "regions": region_counts}
     if relationships is not None:
         relationships = Path(relationships)
         _check_entry(first_entry(relationships, "relationships file"), relationships, "relationships")
@@ -376,5 +383,6 @@ def visual_genome_conversion(image_data: PathLike, region_descriptions: PathLike
         extra["relationships"] = relation_counts
     inputs = {"image_data": str(image_data), "region_descriptions": str(region_descriptions), "images": str(images),
               "relationships": None if relationships is None else str(relationships),
-              "exclude_coco": None if exclude_coco is None else str(exclude_coco)}
+              "exclude_coco": None if exclude_coco is None else str(exclude_coco),
+              "exclude_flickr30k": None if exclude_flickr30k is None else str(exclude_flickr30k)}
     return Conversion("visual_genome", splits, tasks, inputs=inputs, extra=extra)

@@ -31,6 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple, Union
 
+from soho.data.convert.inputs import load_json, require_file
 from soho.data.convert.writer import Conversion, Problem, Sample, safe_key
 from soho.eval.vqa import NUM_ANNOTATORS, AnswerVocabulary, normalize_answer
 
@@ -73,11 +74,7 @@ def find_file(vqa_dir: Path, name: str) -> Path:
 
 def load_entries(path: Path, key: str) -> List[Any]:
     """The ``key`` list of an official VQA JSON file; an error naming the file when it is not one."""
-    try:
-        with open(path, encoding="utf-8") as stream:
-            data = json.load(stream)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    data = load_json(path, "VQA v2 file")
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         raise ValueError(f'{path}: expected a JSON object with a "{key}" list, as the official VQA v2 files have')
     return data[key]
@@ -113,8 +110,7 @@ def minival_by_images(val_questions: Path, count: int) -> Tuple[HeldOut, Dict[st
 def read_question_ids(path: Path) -> FrozenSet[int]:
     """Question ids from a JSON list (of ids, or of objects with ``question_id`` such as LXMERT's
     ``minival.json``) or from a text file with one id per line."""
-    if not path.is_file():
-        raise FileNotFoundError(f"minival question id file not found: {path}")
+    require_file(path, "minival question id file")
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         try:

@@ -27,7 +27,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import webdataset as wds
 from PIL import Image
@@ -407,6 +407,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jpeg-quality", type=int, default=95, help="for resized images (default: %(default)s)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the shards an interrupted run with the same inputs and settings finished")
+
+
+def command_line(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace], Conversion],
+                 argv: Optional[Sequence[str]] = None) -> int:
+    """A converter script's ``main``: add the shared options to ``parser``, parse ``argv``, plan the conversion
+    with ``build`` and run it.
+
+    The inputs are read while planning, so a missing or malformed one ends the script here, before any
+    work, with one line naming it and exit status 2 (argparse's, without its usage: the command was right)."""
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        conversion = build(args)
+    except (OSError, ValueError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    run(conversion, args)
+    return 0
 
 
 def run(conversion: Conversion, args: argparse.Namespace) -> Dict[str, Any]:
