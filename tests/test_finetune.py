@@ -1,25 +1,30 @@
+import importlib.util
 import io
+import itertools
 import json
+import re
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_config
 
-from soho.config import load_config, to_dict
+from soho.config import ConfigError, load_config, to_dict
 from soho.data.synthetic import SyntheticWorldConfig, generate_world
 from soho.data.tasks import TaskDataset
 from soho.eval.tasks import classification_metrics, evaluate_classification
 from soho.eval.vqa import AnswerVocabulary
+from soho.models.pretrained import read_config
 from soho.models.soho import SohoForPretraining
 from soho.models.tasks import SohoForNLVR2, SohoForVisualEntailment, SohoForVQA, vqa_loss
 from soho.processing import ImageTransformConfig, SohoProcessor
 from soho.tokenizer import load_tokenizer
 from soho.train.config import FinetuneConfig
-from soho.train.finetune import finetune
+from soho.train.finetune import answer_vocabulary, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = {"pretrain": 8, "retrieval_train": 12, "retrieval_val": 6, "nlvr2_train": 16, "nlvr2_val": 6,
@@ -242,3 +247,107 @@ def test_two_process_evaluation_equals_one_process(world, tmp_path):
         lines = (output / "predictions.jsonl").read_text().splitlines()
         assert len(lines) == SPLITS["vqa_val"] == len({json.loads(line)["id"] for line in lines})
     assert outputs[2]["metrics"] == pytest.approx(outputs[1]["metrics"])
+
+
+
+def write_unlabelled_vqa_shard(world, path):
+    """The tiny world's vqa_val questions as the VQA v2 converter writes test-dev: integer ids, ``"answers": []``."""
+    records = []
+    with tarfile.open(path, "w") as tar:
+        for source in sorted((world / "data" / "vqa_val").glob("*.tar")):
+            with tarfile.open(source) as shard:
+                files = {m.name: shard.extractfile(m).read() for m in shard if m.isfile()}
+            for name in sorted(n for n in files if n.endswith(".json")):
+                record = json.loads(files[name])
+                # Ids of 1 to 4 digits: the submission must sort them as numbers, not as strings.
+                question_id = str(10 ** (len(records) % 4) + len(records))
+                records.append({"question_id": question_id, "image_id": record["image_id"],
+                                "question": record["question"], "answers": [], "source": "vqav2"})
+                for member, payload in ((f"{question_id}.jpg", files[name.replace(".json", ".jpg")]),
+                                        (f"{question_id}.json", json.dumps(records[-1]).encode())):
+                    info = tarfile.TarInfo(member)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return records
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"soho_tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_questions_without_answers_are_read_for_prediction_only(world, tmp_path):
+    questions = write_unlabelled_vqa_shard(world, tmp_path / "unlabelled.tar")
+    tokenizer = SohoProcessor.from_pretrained(world / "pretrained").tokenizer
+    vocabulary = AnswerVocabulary(["yes", "no"])
+
+    def dataset(shards, task="vqa", **kwargs):
+        return TaskDataset(task, shards, tokenizer, IMAGE, 40, 4, answer_vocabulary=vocabulary, **kwargs)
+
+    # Training on labelled and unlabelled questions together: the unlabelled ones stay counted skips.
+    mixed = dataset([str(world / "data" / "vqa_val"), str(tmp_path / "unlabelled.tar")], train=True, shuffle_buffer=4)
+    batches = list(itertools.islice(mixed, 6))  # 24 labelled questions: the 9 of vqa_val read more than twice
+    skipped = sum((Counter(batch["skipped"]) for batch in batches), Counter())
+    assert set(skipped) == {"bad_record"} and skipped["bad_record"] >= len(questions)
+    assert all(batch["samples"] == 4 and batch["labels"].shape == (4, 2) for batch in batches)
+    labelled = list(dataset(str(tmp_path / "unlabelled.tar"), train=False))
+    assert [batch["samples"] for batch in labelled] == [0] and labelled[0]["skipped"] == {"bad_record": 9}
+
+    unlabelled = list(dataset(str(tmp_path / "unlabelled.tar"), train=False, labelled=False))
+    ids = sorted(example_id for batch in unlabelled for example_id in batch["example_ids"])
+    assert ids == sorted(q["question_id"] for q in questions)
+    assert all("labels" not in batch and not batch["skipped"] for batch in unlabelled)
+    with pytest.raises(ValueError, match="only VQA evaluation"):
+        dataset(str(tmp_path / "unlabelled.tar"), train=True, labelled=False)
+    with pytest.raises(ValueError, match="only VQA evaluation"):
+        dataset(str(world / "data" / "ve_val"), task="ve", train=False, labelled=False)
+
+
+def test_vqa_with_a_vocabulary_file_writes_a_submission_for_unlabelled_questions(world, tmp_path):
+    vocabulary = AnswerVocabulary(["yes", "no", "2", "red", "circle"])
+    vocabulary.save(tmp_path / "answer_vocabulary.json")
+    finetune(run_config(world, "vqa", tmp_path / "run",
+                        **{"data.answer_vocabulary": tmp_path / "answer_vocabulary.json"}))
+    model = tmp_path / "run" / "model"
+    assert read_config(model).labels == vocabulary.answers
+
+    questions = write_unlabelled_vqa_shard(world, tmp_path / "vqa_test_dev-000000.tar")
+    evaluate = load_tool("evaluate")
+    args = ["vqa", "--checkpoint", str(model), "--shards", str(tmp_path / "vqa_test_dev-000000.tar"),
+            "--batch-size", "4", "--device", "cpu"]
+    assert evaluate.main([*args, "--predict-only", "--output", str(tmp_path / "test_dev")]) == 0
+    entries = json.loads((tmp_path / "test_dev" / "submission.json").read_text())
+    assert [entry["question_id"] for entry in entries] == sorted(int(q["question_id"]) for q in questions)
+    assert all(type(entry["question_id"]) is int and entry["answer"] in vocabulary.answers for entry in entries)
+    results = json.loads((tmp_path / "test_dev" / "results.json").read_text())
+    assert results["metrics"] == {} and results["skipped"] == {}
+    assert results["submission"]["questions"] == len(questions)
+    # Without --predict-only there is nothing to score a prediction against: every question is a counted skip.
+    with pytest.raises(ValueError, match="every sample was skipped .*'bad_record': 9"):
+        evaluate.main([*args, "--output", str(tmp_path / "scored")])
+
+
+def test_answer_vocabulary_file_is_checked_before_training(world, tmp_path):
+    path = tmp_path / "answer_vocabulary.json"
+
+    def config(task="vqa", **overrides):
+        return run_config(world, task, tmp_path / "run", **{"data.answer_vocabulary": path, **overrides})
+
+    with pytest.raises(ConfigError, match="data.answer_min_count=2 .* data.answer_vocabulary="):
+        config(**{"data.answer_min_count": 2})
+    with pytest.raises(ConfigError, match="data.answer_vocabulary is for task vqa"):
+        config("ve")
+    with pytest.raises(ConfigError, match=f"data.answer_vocabulary: answer vocabulary {re.escape(str(path))}: no such"):
+        finetune(config())
+    assert not (tmp_path / "run").exists(), "nothing is written before the vocabulary is read"
+    for content, message in (("{answers", "not valid JSON"), ('{"answers": []}', "lists no answers"),
+                             ('{"answers": ["Yes"]}', "must be normalised"),
+                             ('{"answers": ["yes", "no", "red"]}', "lists 3 answers, more than "
+                                                                   "data.answer_vocabulary_size=2")):
+        path.write_text(content)
+        with pytest.raises(ConfigError, match=f"data.answer_vocabulary: .*{re.escape(str(path))}.*{message}"):
+            answer_vocabulary(config(**{"data.answer_vocabulary_size": 2}))
+    path.write_text('{"answers": ["yes", "no"]}')
+    assert answer_vocabulary(config(**{"data.answer_vocabulary_size": 2})).answers == ["yes", "no"]

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from soho.eval.vqa import AnswerVocabulary, answer_scores, normalize_answer, vqa_accuracy, vqa_score
+from soho.eval.vqa import AnswerVocabulary, answer_scores, normalize_answer, submission, vqa_accuracy, vqa_score
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -174,5 +174,18 @@ def test_vocabulary_load_errors(tmp_path):
         with pytest.raises(ValueError, match="expected a JSON object"):
             AnswerVocabulary.load(wrong)
     wrong.write_text(json.dumps({"answers": ["yes", 2]}))
-    with pytest.raises(ValueError, match="normalised"):
+    with pytest.raises(ValueError, match="wrong.json: AnswerVocabulary: entries must be normalised"):
         AnswerVocabulary.load(wrong)
+    not_utf8 = tmp_path / "latin1.json"
+    not_utf8.write_bytes('{"answers": ["caf\u00e9"]}'.encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.json: not valid JSON"):
+        AnswerVocabulary.load(not_utf8)
+
+
+def test_submission_is_the_official_results_format():
+    # The server wants integer question ids; the shards store them as strings.
+    assert submission({"458752001": "yes", "1": "2", "42": "red"}) == [
+        {"question_id": 1, "answer": "2"}, {"question_id": 42, "answer": "red"},
+        {"question_id": 458752001, "answer": "yes"}]
+    with pytest.raises(ValueError, match=r"1 question id\(s\) are not integers.*'17-2'"):
+        submission({"1": "yes", "17-2": "no"})

@@ -13,6 +13,14 @@ A fine-tuned NLVR2, visual entailment or VQA model, on one or several processes:
 
 Writes ``results.json`` (metrics with chance levels, cost, skipped samples, arguments) and
 ``predictions.jsonl`` to --output.
+
+VQA v2 test-dev / test, whose answers are withheld, for the official evaluation server:
+
+    accelerate launch tools/evaluate.py vqa --predict-only --checkpoint runs/finetune/vqa_v2/model \\
+        --shards data/vqav2/vqa_test_dev --output runs/evaluate/vqa_test_dev
+
+also writes ``submission.json`` (``[{"question_id": int, "answer": str}, ...]``, the file to upload)
+and reports no accuracy.
 """
 from __future__ import annotations
 
@@ -30,11 +38,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soho.data.tasks import CLASSIFICATION_TASKS  # noqa: E402
 from soho.eval.retrieval import PROTOCOLS  # noqa: E402
-from soho.eval.tasks import evaluate_classification, evaluate_retrieval, write_jsonl  # noqa: E402
-from soho.eval.vqa import AnswerVocabulary  # noqa: E402
+from soho.eval.tasks import SplitEvaluation, evaluate_classification, evaluate_retrieval, write_jsonl  # noqa: E402
+from soho.eval.vqa import AnswerVocabulary, submission  # noqa: E402
 from soho.models.soho import SohoForPretraining  # noqa: E402
 from soho.models.tasks import TASK_MODELS  # noqa: E402
 from soho.processing import SohoProcessor  # noqa: E402
+
+
+def write_submission(path: Path, result: SplitEvaluation) -> dict:
+    """The VQA evaluation server's results file of an unlabelled split; returns what results.json says of it."""
+    entries = submission({p["id"]: p["prediction"] for p in result.predictions})
+    path.write_text(json.dumps(entries))
+    if result.skipped:
+        # The server rejects a results file that does not answer every question of the split.
+        logging.warning("%d questions were skipped and are missing from %s", sum(result.skipped.values()), path)
+    return {"path": str(path), "questions": len(entries)}
 
 
 def evaluate(args) -> dict:
@@ -51,7 +69,7 @@ def evaluate(args) -> dict:
         model = TASK_MODELS[args.task].from_pretrained(args.checkpoint).to(accelerator.device).eval()
         vocabulary = AnswerVocabulary(model.config.labels) if args.task == "vqa" else None
         result = evaluate_classification(model, args.task, args.shards, processor, args.batch_size, accelerator,
-                                         vocabulary)
+                                         vocabulary, labelled=not args.predict_only)
     results = {}
     if accelerator.is_main_process:
         results = {"task": args.task, "checkpoint": str(args.checkpoint), "shards": args.shards,
@@ -61,6 +79,8 @@ def evaluate(args) -> dict:
                    "arguments": vars(args)}
         output = Path(args.output)
         output.mkdir(parents=True, exist_ok=True)
+        if args.predict_only:
+            results["submission"] = write_submission(output / "submission.json", result)
         write_jsonl(output / "predictions.jsonl", result.predictions)
         (output / "results.json").write_text(json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
@@ -69,6 +89,7 @@ def evaluate(args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(predict_only=False)
     tasks = parser.add_subparsers(dest="task", required=True)
     for task in ("retrieval",) + CLASSIFICATION_TASKS:
         sub = tasks.add_parser(task, help=f"{task} evaluation")
@@ -84,11 +105,18 @@ def main(argv=None) -> int:
                              help="add this multiple of the ITC cosine to the ITM margin in itc_itm")
             sub.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
             sub.add_argument("--fusion-batch-size", type=int, default=512, help="pairs per fusion pass")
+        if task == "vqa":
+            sub.add_argument("--predict-only", action="store_true",
+                             help="for splits whose answers are withheld (VQA v2 test-dev, test): predict every "
+                                  "question, with or without answers, and write <output>/submission.json, "
+                                  '[{"question_id": int, "answer": str}, ...] for the official evaluation server '
+                                  "(question ids must be integers); no accuracy. Without it, questions without "
+                                  "answers are skipped as bad_record")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     results = evaluate(args)
     if results:
-        print(json.dumps(results["metrics"], indent=2))
+        print(json.dumps(results.get("submission", results["metrics"]), indent=2))
     return 0
 
 

@@ -32,7 +32,10 @@ def main(argv=None) -> int:
     except ConfigError as error:
         parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    results = finetune(config)
+    try:
+        results = finetune(config)
+    except ConfigError as error:  # raised while setting up (e.g. data.answer_vocabulary), before any step
+        parser.error(str(error))
     print(json.dumps({"task": results["task"], "steps": results["steps"],
                       **{name: split["metrics"] for name, split in results["splits"].items()}}, indent=2))
     return 0

@@ -7,6 +7,7 @@ once over all ranks. Broken samples are skipped, logged and counted, never dropp
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Sequence, Union
 
@@ -29,7 +30,7 @@ class TaskExample:
     images: List[Image.Image]
     text: str
     target: Any
-    """Class index (NLVR2, VE) or the annotators' answers (VQA)."""
+    """Class index (NLVR2, VE) or the annotators' answers (VQA); None for an unlabelled split."""
     info: Dict[str, Any]
     """Record fields kept with the prediction (question type, image ids, ...)."""
 
@@ -82,16 +83,18 @@ def decode_ve(sample: Sample) -> TaskExample:
     )
 
 
-def decode_vqa(sample: Sample) -> TaskExample:
+def decode_vqa(sample: Sample, labelled: bool = True) -> TaskExample:
+    """A question and its annotators' answers; ``labelled=False`` reads questions only (VQA test splits)."""
     record = decode_json(sample)
     answers = record.get("answers")
-    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-        raise SampleError("bad_record", f"answers={answers!r} (expected a non-empty list of strings)")
+    if labelled and not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
+        raise SampleError("bad_record", f"answers={answers!r} (expected a non-empty list of strings; questions "
+                                        "without answers can only be predicted: tools/evaluate.py vqa --predict-only)")
     return TaskExample(
         example_id=str(record.get("question_id", sample.get("__key__"))),
         images=[_image(sample, "")],
         text=_field(record, "question", str),
-        target=answers,
+        target=answers if labelled else None,
         info={key: record[key] for key in ("image_id", "answer_type", "question_type") if key in record},
     )
 
@@ -100,12 +103,15 @@ DECODERS = {"nlvr2": decode_nlvr2, "ve": decode_ve, "vqa": decode_vqa}
 
 
 class TaskCollator:
-    """Pads the examples' images (in example order; NLVR2: left, then right), tokenises texts, builds targets."""
+    """Pads the examples' images (in example order; NLVR2: left, then right), tokenises texts, builds targets
+    (``labels``; not for an unlabelled split)."""
 
-    def __init__(self, task: str, tokenizer, max_text_length: int, size_divisor: int, answer_vocabulary=None):
-        if task == "vqa" and answer_vocabulary is None:
+    def __init__(self, task: str, tokenizer, max_text_length: int, size_divisor: int, answer_vocabulary=None,
+                 labelled: bool = True):
+        if task == "vqa" and labelled and answer_vocabulary is None:
             raise ValueError("the VQA collator needs the answer vocabulary")
         self.task = task
+        self.labelled = labelled
         self.tokenizer = tokenizer
         self.max_text_length = max_text_length
         self.size_divisor = size_divisor
@@ -126,6 +132,8 @@ class TaskCollator:
             "targets": [e.target for e in examples],
             "info": [e.info for e in examples],
         }
+        if not self.labelled:
+            return batch
         if self.task == "vqa":
             # Soft scores over the vocabulary; an answer outside it cannot be learned, only scored.
             scores = torch.zeros(len(examples), len(self.answer_vocabulary))
@@ -144,18 +152,25 @@ class TaskDataset(IterableDataset):
     ``train=True``: an infinite, shuffled stream. ``train=False``: one ordered pass over
     this rank's disjoint slice, with a last partial batch; no example is padded or repeated,
     so predictions gathered from all ranks cover the split exactly once.
+
+    ``labelled=False`` (VQA evaluation only) reads questions without answers, for splits whose answers
+    are withheld (VQA v2 test-dev / test); their batches have no ``labels``. Training always needs
+    labels, so there a record without answers stays a counted ``bad_record`` skip.
     """
 
     def __init__(self, task: str, shards: Union[str, List[str]], tokenizer, image: ImageTransformConfig,
                  max_text_length: int, batch_size: int, train: bool, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle_buffer: int = 1000, answer_vocabulary=None):
+                 world_size: int = 1, shuffle_buffer: int = 1000, answer_vocabulary=None, labelled: bool = True):
         super().__init__()
         if task not in DECODERS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(DECODERS)}")
+        if not labelled and (train or task != "vqa"):
+            raise ValueError(f"only VQA evaluation reads splits without labels (got task={task!r}, train={train})")
         self.task = task
+        self.decode = DECODERS[task] if labelled else functools.partial(decode_vqa, labelled=False)
         self.urls = expand_urls(shards)
         self.transform = ImageTransform(image)
-        self.collate = TaskCollator(task, tokenizer, max_text_length, image.size_divisor, answer_vocabulary)
+        self.collate = TaskCollator(task, tokenizer, max_text_length, image.size_divisor, answer_vocabulary, labelled)
         self.batch_size = batch_size
         self.train = train
         self.seed = seed
@@ -171,7 +186,7 @@ class TaskDataset(IterableDataset):
         reported = SkipCounter()
         for sample in samples:
             try:
-                example = DECODERS[self.task](sample)
+                example = self.decode(sample)
                 pixels = [self.transform(image) for image in example.images]
             except SampleError as error:
                 skips.skip(error.reason, f"{sample.get('__url__', '')}:{sample.get('__key__', '?')}", error)

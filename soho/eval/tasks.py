@@ -67,19 +67,21 @@ def classification_metrics(task: str, predictions: List[Dict[str, Any]]) -> Dict
 @torch.no_grad()
 def evaluate_classification(model, task: str, shards: Union[str, List[str]], processor: SohoProcessor,
                             batch_size: int = 64, accelerator=None,
-                            answer_vocabulary: Optional[AnswerVocabulary] = None) -> SplitEvaluation:
+                            answer_vocabulary: Optional[AnswerVocabulary] = None,
+                            labelled: bool = True) -> SplitEvaluation:
     """Predict every example of a NLVR2 / VE / VQA split and score the predictions.
 
     ``model`` is an unwrapped task model (see :mod:`soho.models.tasks`) on this process's
     device. With an ``accelerator``, each process evaluates its slice and every process
-    returns the metrics of the whole split.
+    returns the metrics of the whole split. ``labelled=False`` (VQA only) predicts a split
+    whose answers are withheld: every question is predicted, nothing is scored (no metrics).
     """
     rank = accelerator.process_index if accelerator is not None else 0
     world_size = accelerator.num_processes if accelerator is not None else 1
     device = next(model.parameters()).device
     dataset = TaskDataset(task, shards, processor.tokenizer, processor.image_config, processor.max_text_length,
                           batch_size, train=False, rank=rank, world_size=world_size,
-                          answer_vocabulary=answer_vocabulary)
+                          answer_vocabulary=answer_vocabulary, labelled=labelled)
     was_training = model.training
     model.eval()
     labels = model.config.labels
@@ -94,9 +96,9 @@ def evaluate_classification(model, task: str, shards: Union[str, List[str]], pro
         for example_id, target, info, index in zip(batch["example_ids"], batch["targets"], batch["info"],
                                                    logits.argmax(-1).tolist()):
             record = {"id": example_id, "prediction": labels[index], **info}
-            if task == "vqa":
+            if labelled and task == "vqa":
                 record["answers"] = target
-            else:
+            elif labelled:
                 record["label"] = labels[target]
             predictions.append(record)
     model.train(was_training)
@@ -111,8 +113,11 @@ def evaluate_classification(model, task: str, shards: Union[str, List[str]], pro
     predictions.sort(key=lambda p: p["id"])
     if skipped:
         logger.warning("skipped %d samples of %s: %s", sum(skipped.values()), shards, dict(skipped))
-    return SplitEvaluation(metrics=classification_metrics(task, predictions), predictions=predictions,
-                           skipped=dict(skipped))
+    if not predictions:
+        raise ValueError(f"no predictions for {shards!r}: the split is empty or every sample was skipped "
+                         f"({dict(skipped)})")
+    return SplitEvaluation(metrics=classification_metrics(task, predictions) if labelled else {},
+                           predictions=predictions, skipped=dict(skipped))
 
 
 @torch.no_grad()

@@ -116,6 +116,20 @@ def vqa_accuracy(predictions: Mapping[str, str], answers: Mapping[str, Sequence[
     return 100.0 * total / len(answers)
 
 
+def submission(predictions: Mapping[str, str]) -> List[Dict[str, Union[int, str]]]:
+    """Predictions (question id -> answer) in the official results format, ``[{"question_id": int, "answer": str}]``,
+    by question id: what the VQA evaluation server takes for test-dev and test.
+
+    The server matches integer question ids; an id that is not one (e.g. a synthetic ``"17-2"``) is an error.
+    """
+    not_integers = sorted(qid for qid in predictions if not qid.isdecimal())
+    if not_integers:
+        raise ValueError(f"submission: {len(not_integers)} question id(s) are not integers, as the VQA evaluation "
+                         f"server expects: {_describe(not_integers)}")
+    return sorted(({"question_id": int(qid), "answer": answer} for qid, answer in predictions.items()),
+                  key=lambda entry: entry["question_id"])
+
+
 def answer_scores(answers: Sequence[str]) -> Dict[str, float]:
     """Soft target of every distinct normalised answer: its :func:`vqa_score` as if it were predicted."""
     if not answers:
@@ -190,8 +204,11 @@ class AnswerVocabulary:
             raise FileNotFoundError(f"answer vocabulary {path}: no such file")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
+        except ValueError as error:  # JSON or UTF-8
             raise ValueError(f"answer vocabulary {path}: not valid JSON ({error})") from error
         if not isinstance(data, dict) or not isinstance(data.get("answers"), list):
             raise ValueError(f'answer vocabulary {path}: expected a JSON object {{"answers": [...]}}')
-        return cls(data["answers"])
+        try:
+            return cls(data["answers"])
+        except ValueError as error:
+            raise ValueError(f"answer vocabulary {path}: {error}") from None

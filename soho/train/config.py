@@ -123,9 +123,14 @@ class FinetuneDataConfig:
     max_skip_fraction: float = 0.05
     captions_per_image: int = 1
     """Retrieval only: captions drawn per training image (they share one backbone pass)."""
+    answer_vocabulary: Optional[str] = None
+    """VQA only: a JSON file ``{"answers": [...]}`` (``AnswerVocabulary.load``, e.g. the VQA v2 converter's
+    ``answer_vocabulary.json``) whose answers become the classes; default: the most frequent training answers."""
     answer_vocabulary_size: int = 3129
-    """VQA only: the most frequent training answers that become classes."""
+    """VQA only: the most classes: the most frequent training answers kept, or the most answers
+    ``answer_vocabulary`` may list (a longer file is an error, not cut: nothing says it is ranked)."""
     answer_min_count: int = 1
+    """VQA only, without ``answer_vocabulary``: in how many training questions an answer must occur to be a class."""
 
     def __post_init__(self):
         if not self.eval_shards:
@@ -134,6 +139,10 @@ class FinetuneDataConfig:
             raise ConfigError("data.num_workers and data.shuffle_buffer must be >= 0, captions_per_image >= 1")
         if self.answer_vocabulary_size < 1 or self.answer_min_count < 1:
             raise ConfigError("data.answer_vocabulary_size and data.answer_min_count must be >= 1")
+        if self.answer_vocabulary is not None and self.answer_min_count != 1:
+            raise ConfigError(f"data.answer_min_count={self.answer_min_count} filters the answers counted in the "
+                              f"training shards, but data.answer_vocabulary={self.answer_vocabulary!r} gives the "
+                              "classes as they are: set one of the two")
 
 
 @dataclass
@@ -181,3 +190,7 @@ class FinetuneConfig:
         rest=OptimizerConfig(name="adamw", lr=5e-5, weight_decay=0.01),
         schedule="cosine", warmup_steps=50))
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+
+    def __post_init__(self):
+        if self.data.answer_vocabulary is not None and self.task != "vqa":
+            raise ConfigError(f"data.answer_vocabulary is for task vqa; task {self.task} has no answer classes")

@@ -41,7 +41,7 @@ from soho.models.pretrained import read_config
 from soho.models.soho import SohoForPretraining
 from soho.models.tasks import TASK_MODELS
 from soho.processing import SohoProcessor
-from soho.train.config import FinetuneConfig
+from soho.train.config import FinetuneConfig, FinetuneDataConfig
 from soho.train.optim import build_optimizers, optimizer_step
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,31 @@ def build_answer_vocabulary(config: FinetuneConfig) -> AnswerVocabulary:
     logger.info("answer vocabulary: %d answers, %.1f %% best reachable training accuracy",
                 len(vocabulary), 100.0 * vocabulary.coverage(answer_lists))
     return vocabulary
+
+
+def load_answer_vocabulary(data: FinetuneDataConfig) -> AnswerVocabulary:
+    """The classes listed in ``data.answer_vocabulary``; a ConfigError naming the file when it cannot be used."""
+    try:
+        vocabulary = AnswerVocabulary.load(data.answer_vocabulary)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"data.answer_vocabulary: {error}") from None
+    if not len(vocabulary):
+        raise ConfigError(f"data.answer_vocabulary: {data.answer_vocabulary} lists no answers")
+    if len(vocabulary) > data.answer_vocabulary_size:
+        raise ConfigError(f"data.answer_vocabulary: {data.answer_vocabulary} lists {len(vocabulary)} answers, more "
+                          f"than data.answer_vocabulary_size={data.answer_vocabulary_size}; raise that or use a "
+                          "shorter file")
+    logger.info("answer vocabulary: %d answers from %s", len(vocabulary), data.answer_vocabulary)
+    return vocabulary
+
+
+def answer_vocabulary(config: FinetuneConfig) -> Optional[AnswerVocabulary]:
+    """The VQA classes (None for other tasks): ``data.answer_vocabulary``, else the most frequent training answers."""
+    if config.task != "vqa":
+        return None
+    if config.data.answer_vocabulary is None:
+        return build_answer_vocabulary(config)
+    return load_answer_vocabulary(config.data)
 
 
 def model_config(config: FinetuneConfig, labels: List[str]) -> SohoConfig:
@@ -158,6 +183,8 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     """Fine-tune, evaluate every split, write the run's files; returns the results record."""
     train = config.train
     output_dir = Path(train.output_dir)
+    # Before anything is written: a bad vocabulary file must not cost the previous run's metrics.jsonl.
+    vocabulary = answer_vocabulary(config)
     accelerator = Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
                               mixed_precision=train.mixed_precision,
                               gradient_accumulation_steps=config.optim.accumulation_steps,
@@ -169,7 +196,6 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     processor = SohoProcessor.from_pretrained(config.init.checkpoint)
-    vocabulary = build_answer_vocabulary(config) if config.task == "vqa" else None
     labels = {"nlvr2": list(NLVR2_LABELS), "ve": list(VE_LABELS), "retrieval": [],
               "vqa": vocabulary.answers if vocabulary is not None else []}[config.task]
     model = build_model(config, labels)
@@ -240,6 +266,9 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     progress.close()
     train_seconds = time.perf_counter() - started
 
+    if accelerator.is_main_process:
+        # Saved before the final evaluation: an evaluation that fails must not lose the trained weights.
+        unwrapped.save_pretrained(output_dir / "model", processor=processor)
     results: Dict[str, Any] = {
         "task": config.task, "init": "scratch" if config.init.from_scratch else config.init.checkpoint,
         "steps": step, "train_seconds": train_seconds, "splits": {}, "config": to_dict(config)}
@@ -255,7 +284,6 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     if accelerator.is_main_process:
         log({"step": step, "final": True, "eval": {n: s["metrics"] for n, s in results["splits"].items()}})
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        unwrapped.save_pretrained(output_dir / "model", processor=processor)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
