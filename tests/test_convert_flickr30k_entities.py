@@ -4,12 +4,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from imagefiles import write_corrupt_image, write_image
+from convert_fixtures import read_split, write_corrupt_image, write_image
 
 from soho.data.convert import WriteOptions, convert
 from soho.data.convert.flickr30k_entities import flickr30k_entities_conversion, parse_annotation, parse_sentence
 from soho.data.pretraining import decode_captioned_image
-from soho.data.shards import SkipCounter, expand_urls, read_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,12 +107,9 @@ def entities(tmp_path):
     return root, images
 
 
-def read_split(root, split):
-    skips = SkipCounter()
-    samples = [sample for url in expand_urls(str(root / split)) for sample in read_shard(url, skips)]
-    assert not skips
+def decoded_split(root, split):
     return {record["image_id"]: (record, captions, image)
-            for record, captions, image in map(decode_captioned_image, samples)}
+            for record, captions, image in map(decode_captioned_image, read_split(root, split))}
 
 
 def test_parse_sentence_gives_the_official_words_and_positions():
@@ -147,7 +143,7 @@ def test_conversion_counts_problems_records_and_box_rescaling(entities, tmp_path
     assert "Sentences/1000366164.txt is not in" in " ".join(p["detail"] for p in manifest["problems"])
     assert manifest["inputs"]["ids"] == {"entities_train": 5, "entities_val": 1, "entities_test": 2}
 
-    train = read_split(tmp_path / "out", "entities_train")
+    train = decoded_split(tmp_path / "out", "entities_train")
     record, captions, image = train["1000092795"]
     assert image.size == (record["width"], record["height"]) == (24, 16)  # resized by 1/2 ...
     assert record["entities"]["1"]["boxes"] == [{"box": [2.0, 1.0, 10.0, 15.0]}, {"box": [12.0, 4.0, 20.0, 14.0]}]
@@ -162,7 +158,7 @@ def test_conversion_counts_problems_records_and_box_rescaling(entities, tmp_path
     assert record["unrelated_captions"] == [4] and train["10002456"][0]["unrelated_captions"] == [1]
     assert record["source"] == "flickr30k_entities"
 
-    (record, captions, _), = read_split(tmp_path / "out", "entities_val").values()
+    (record, captions, _), = decoded_split(tmp_path / "out", "entities_val").values()
     assert captions == ["Someone watches a woman ."] * 5
     assert record["phrases"][0]["entity_id"] == "0" and record["phrases"][0]["types"] == ["notvisual"]
     assert "0" not in record["entities"] and record["unrelated_captions"] == []
@@ -186,7 +182,7 @@ def test_command_line_on_extracted_folders(entities, tmp_path, capsys):
     assert "entities_train" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted((p["split"], p["key"], p["reason"]) for p in manifest["problems"]) == EXPECTED_PROBLEMS
-    record, _, image = read_split(out, "entities_test")["1009434119"]
+    record, _, image = decoded_split(out, "entities_test")["1009434119"]
     assert image.size == (48, 32) and record["entities"]["1"]["boxes"][0] == {"box": [4, 2, 20, 30]}
 
 

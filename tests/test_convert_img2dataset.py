@@ -4,12 +4,11 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
-from imagefiles import write_corrupt_image, write_image
+from convert_fixtures import read_split, write_corrupt_image, write_image
 
 from soho.data.convert import convert
 from soho.data.convert.img2dataset import convert_img2dataset
 from soho.data.pretraining import PretrainingDataConfig, PretrainingDataset, decode_captioned_image
-from soho.data.shards import SkipCounter, expand_urls, read_shard
 from soho.processing import ImageTransformConfig
 from soho.tokenizer import train_wordpiece_tokenizer
 
@@ -88,13 +87,6 @@ def make_img2dataset(root: Path) -> Path:
     data = cut.read_bytes()
     cut.write_bytes(data[:data.index(jpeg(7)) + 200])  # inside the second sample's image
     return folder
-
-
-def read_split(root: Path, split: str):
-    skips = SkipCounter()
-    samples = [s for url in expand_urls(str(root / split)) for s in read_shard(url, skips)]
-    assert not skips
-    return samples
 
 
 def test_reshards_lists_planted_problems_and_loads(tmp_path):

@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
-from imagefiles import write_corrupt_image, write_image
+from convert_fixtures import read_split, write_corrupt_image, write_image
 
 from soho.data.convert import convert
 from soho.data.convert.karpathy import (
@@ -14,7 +14,6 @@ from soho.data.convert.karpathy import (
 )
 from soho.data.pretraining import PretrainingDataConfig, PretrainingDataset, decode_captioned_image
 from soho.data.retrieval import read_retrieval_split
-from soho.data.shards import SkipCounter, expand_urls, read_shard
 from soho.processing import ImageTransformConfig, SohoProcessor
 from soho.tokenizer import train_wordpiece_tokenizer
 
@@ -69,11 +68,8 @@ def coco(tmp_path):
     return path, tmp_path / "coco"
 
 
-def read_split(root, split):
-    skips = SkipCounter()
-    samples = [sample for url in expand_urls(str(root / split)) for sample in read_shard(url, skips)]
-    assert not skips
-    return [decode_captioned_image(sample) for sample in samples]
+def decoded_split(root, split):
+    return [decode_captioned_image(sample) for sample in read_split(root, split)]
 
 
 def test_coco_splits_counts_and_exactly_the_planted_problems(coco, tmp_path):
@@ -92,7 +88,7 @@ def test_coco_splits_counts_and_exactly_the_planted_problems(coco, tmp_path):
 
 def test_coco_records_keep_raw_captions_and_eval_splits_keep_five(coco, tmp_path):
     convert(coco_karpathy_conversion(*coco), tmp_path / "out")
-    test = read_split(tmp_path / "out", "retrieval_test")
+    test = decoded_split(tmp_path / "out", "retrieval_test")
     assert [record["image_id"] for record, _, _ in test] == ["391895", "522418"]
     record, captions, image = test[1]
     assert captions == [s["raw"].strip() for s in _sentences(1, 5, 1000, "coco 522418")]
@@ -100,9 +96,9 @@ def test_coco_records_keep_raw_captions_and_eval_splits_keep_five(coco, tmp_path
     assert record["sentids"] == [1000, 1001, 1002, 1003, 1004]
     assert record["file"] == "val2014/COCO_val2014_000000522418.jpg" and record["karpathy_split"] == "test"
     assert record["source"] == "coco" and image.size == (record["width"], record["height"]) == (49, 32)
-    assert [len(c) for _, c, _ in read_split(tmp_path / "out", "retrieval_val")] == [5]
-    assert [len(c) for _, c, _ in read_split(tmp_path / "out", "retrieval_restval")] == [6]
-    pretrain = read_split(tmp_path / "out", "pretrain")
+    assert [len(c) for _, c, _ in decoded_split(tmp_path / "out", "retrieval_val")] == [5]
+    assert [len(c) for _, c, _ in decoded_split(tmp_path / "out", "retrieval_restval")] == [6]
+    pretrain = decoded_split(tmp_path / "out", "pretrain")
     assert sorted((r["image_id"], r["karpathy_split"]) for r, _, _ in pretrain) == [("57870", "train"),
                                                                                     ("60623", "restval")]
 
@@ -114,7 +110,7 @@ def test_pretrain_leaves_out_every_karpathy_val_and_test_image(coco, tmp_path):
     with pytest.raises(ValueError, match="unknown or no Karpathy splits"):
         karpathy_coco_ids(karpathy_json, splits=("testing",))
     convert(coco_karpathy_conversion(*coco, splits=["pretrain"]), tmp_path / "out")
-    ids = {int(record["image_id"]) for record, _, _ in read_split(tmp_path / "out", "pretrain")}
+    ids = {int(record["image_id"]) for record, _, _ in decoded_split(tmp_path / "out", "pretrain")}
     assert ids and not ids & karpathy_coco_ids(karpathy_json)
 
 
@@ -197,8 +193,8 @@ def test_flickr30k_command_line_with_resize(tmp_path, capsys):
         ("pretrain", "1000268201", "missing_image"), ("retrieval_test", "1009434119", "corrupt_image"),
         ("retrieval_train", "1000268201", "missing_image")]
     assert manifest["captions_cut"] == {"retrieval_val": 0, "retrieval_test": 0}
-    (record, captions, image), = read_split(out, "retrieval_val")
+    (record, captions, image), = decoded_split(out, "retrieval_val")
     assert record["image_id"] == "1007129816" and record["file"] == "1007129816.jpg" and len(captions) == 5
     assert record["source"] == "flickr30k" and image.size == (record["width"], record["height"]) == (26, 16)
-    assert [r["image_id"] for r, _, _ in read_split(out, "pretrain")] == ["1000092795", "10002456"]
+    assert [r["image_id"] for r, _, _ in decoded_split(out, "pretrain")] == ["1000092795", "10002456"]
 

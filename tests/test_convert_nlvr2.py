@@ -3,11 +3,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from imagefiles import write_corrupt_image, write_image
+from convert_fixtures import read_split, write_corrupt_image, write_image, write_lines
 
 from soho.data.convert import convert
 from soho.data.convert.nlvr2 import convert_nlvr2
-from soho.data.shards import SkipCounter, expand_urls, read_shard
 from soho.data.tasks import TaskDataset, decode_nlvr2
 from soho.processing import ImageTransformConfig
 from soho.tokenizer import train_wordpiece_tokenizer
@@ -24,11 +23,6 @@ def example(identifier, sentence, label, **extra):
             "writer": "103", "label": label, "right_url": f"https://example.org/{identifier}/1.jpg",
             "synset": "beer bottle", "query": "some beer bottles2", "identifier": identifier,
             "extra_validations": {"61": label, "62": label}, **extra}
-
-
-def write_lines(path: Path, lines) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
 
 
 def make_nlvr2(root: Path, test2: bool = False):
@@ -68,13 +62,6 @@ def make_nlvr2(root: Path, test2: bool = False):
         write_image(images / "test2" / "test2-189-0-img0.png", 64, 40, seed=20, format="PNG")
         write_image(images / "test2" / "test2-189-0-img1.png", 40, 64, seed=21, format="PNG")
     return data, images
-
-
-def read_split(root: Path, split: str):
-    skips = SkipCounter()
-    samples = [s for url in expand_urls(str(root / split)) for s in read_shard(url, skips)]
-    assert not skips
-    return samples
 
 
 def test_converts_official_files_and_lists_every_planted_problem(tmp_path):

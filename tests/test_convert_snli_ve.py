@@ -3,11 +3,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from imagefiles import write_corrupt_image, write_image
+from convert_fixtures import read_split, write_corrupt_image, write_image, write_lines
 
 from soho.data.convert import convert
 from soho.data.convert.snli_ve import LABELS, convert_snli_ve
-from soho.data.shards import SkipCounter, expand_urls, read_shard
 from soho.data.tasks import VE_LABELS, TaskDataset, decode_ve
 from soho.processing import ImageTransformConfig
 from soho.tokenizer import train_wordpiece_tokenizer
@@ -32,11 +31,6 @@ def example(image, caption, label, hypothesis, premise="A man in a red shirt rid
         "sentence2": hypothesis, "sentence2_binary_parse": "( ( A person ) ( is ( outdoors ) ) )",
         "sentence2_parse": "(ROOT (S (NP (DT A) (NN person)) (VP (VBZ is) (ADJP (JJ outdoors)))))"})
     return line
-
-
-def write_lines(path: Path, lines) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
 
 
 def make_snli_ve(root: Path):
@@ -65,13 +59,6 @@ def make_snli_ve(root: Path):
         write_image(images / f"{image}.jpg", seed=seed)
     write_corrupt_image(images / "3016178284.jpg")
     return data, images
-
-
-def read_split(root: Path, split: str):
-    skips = SkipCounter()
-    samples = [s for url in expand_urls(str(root / split)) for s in read_shard(url, skips)]
-    assert not skips
-    return samples
 
 
 def test_converts_official_files_and_lists_every_planted_problem(tmp_path):

@@ -3,7 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from imagefiles import write_corrupt_image, write_image
+from convert_fixtures import read_split, write_corrupt_image, write_image
 
 from soho.config import from_dict
 from soho.data.convert import WriteOptions, convert
@@ -16,7 +16,6 @@ from soho.data.pretraining import (
     decode_json,
     stable_id,
 )
-from soho.data.shards import SkipCounter, expand_urls, read_shard
 from soho.tokenizer import load_tokenizer, train_wordpiece_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data_scripts"))
@@ -128,13 +127,6 @@ def conversion_of(release, **overrides):
                      images=release, relationships=release / "relationships.json",
                      exclude_coco=release / "dataset_coco.json", exclude_flickr30k=release / "dataset_flickr30k.json")
     return visual_genome_conversion(**{**arguments, **overrides})
-
-
-def read_split(root, split):
-    skips = SkipCounter()
-    samples = [s for url in expand_urls(str(root / split)) for s in read_shard(url, skips)]
-    assert not skips
-    return samples
 
 
 def problems_of(manifest, split):

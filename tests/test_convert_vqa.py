@@ -3,11 +3,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from imagefiles import write_corrupt_image, write_image
+from convert_fixtures import read_split, write_corrupt_image, write_image
 
 from soho.data.convert import convert
 from soho.data.convert.vqa import convert_vqa
-from soho.data.shards import SkipCounter, expand_urls, read_shard
 from soho.data.tasks import TaskDataset, decode_vqa
 from soho.eval.vqa import AnswerVocabulary
 from soho.processing import ImageTransformConfig
@@ -106,13 +105,6 @@ def make_vqa(root: Path):
     write_questions(vqa / "Questions" / "v2_OpenEnded_mscoco_test-dev2015_questions.json", "test-dev2015", [
         question(14000, 14, "What color is the bus?")])
     return vqa, coco
-
-
-def read_split(root: Path, split: str):
-    skips = SkipCounter()
-    samples = [s for url in expand_urls(str(root / split)) for s in read_shard(url, skips)]
-    assert not skips
-    return samples
 
 
 def test_converts_every_split_lists_planted_problems_and_loads(tmp_path):

@@ -4,12 +4,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from imagefiles import write_corrupt_image, write_image
+from convert_fixtures import read_split, write_corrupt_image, write_image
 from PIL import Image
 
 from soho.data.convert import Conversion, Problem, Sample, TarMember, WriteOptions, convert, safe_key
 from soho.data.pretraining import decode_captioned_image
-from soho.data.shards import SkipCounter, expand_urls, read_shard
 
 
 def _samples(tmp_path, count=5):
@@ -19,13 +18,6 @@ def _samples(tmp_path, count=5):
         record = {"image_id": str(i), "captions": [f"image {i}"], "regions": [{"box": [4.0, 6.0, 20.0, 30.0]}]}
         items.append(Sample(f"img-{i}", record, {"": path}))
     return items
-
-
-def _read(root, split):
-    skips = SkipCounter()
-    samples = [s for url in expand_urls(str(root / split)) for s in read_shard(url, skips)]
-    assert not skips
-    return samples
 
 
 def test_writes_shards_manifest_and_lists_every_problem(tmp_path):
@@ -44,7 +36,7 @@ def test_writes_shards_manifest_and_lists_every_problem(tmp_path):
     assert all(p["split"] == "pretrain" and p["detail"] for p in manifest["problems"])
     assert len(entry["shards"]) == 4  # 7 planned samples in shards of 2
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"] == manifest["splits"]
-    samples = _read(tmp_path / "out", "pretrain")
+    samples = read_split(tmp_path / "out", "pretrain")
     assert [s["__key__"] for s in samples] == [f"img-{i}" for i in range(5)]
     record, captions, image = decode_captioned_image(samples[3])
     assert captions == ["image 3"] and image.size == (43, 30) and (record["width"], record["height"]) == (43, 30)
@@ -56,7 +48,7 @@ def test_resize_keeps_aspect_and_rescales_boxes(tmp_path):
     items = [Sample("a", {"captions": ["x"], "objects": [{"box": [10, 20, 100, 60]}]}, {"": path})]
     convert(Conversion("test", {"s": items}, {"s": "image_text"}), tmp_path / "out",
             options=WriteOptions(max_short_side=50))
-    sample = _read(tmp_path / "out", "s")[0]
+    sample = read_split(tmp_path / "out", "s")[0]
     record, _, image = decode_captioned_image(sample)
     assert image.size == (100, 50) and (record["width"], record["height"]) == (100, 50)
     assert record["objects"][0]["box"] == [5.0, 10.0, 50.0, 30.0]
@@ -68,7 +60,7 @@ def test_boxes_scale_per_axis_when_rounding_differs(tmp_path):
     items = [Sample("a", {"captions": ["x"], "box": [0, 0, 51, 32]}, {"": path})]
     convert(Conversion("test", {"s": items}, {"s": "image_text"}), tmp_path / "out",
             options=WriteOptions(max_short_side=16))
-    record, _, image = decode_captioned_image(_read(tmp_path / "out", "s")[0])
+    record, _, image = decode_captioned_image(read_split(tmp_path / "out", "s")[0])
     assert image.size == (26, 16) and record["box"] == [0.0, 0.0, 26.0, 16.0]
 
 
@@ -77,7 +69,7 @@ def test_cmyk_tiff_is_stored_as_rgb_png(tmp_path):
     Image.open(write_image(tmp_path / "rgb.png", format="PNG")).convert("CMYK").save(path, format="TIFF")
     convert(Conversion("test", {"s": [Sample("a", {"captions": ["x"]}, {"": path})]}, {"s": "image_text"}),
             tmp_path / "out")
-    sample = _read(tmp_path / "out", "s")[0]
+    sample = read_split(tmp_path / "out", "s")[0]
     assert "png" in sample and decode_captioned_image(sample)[2].size == (48, 32)
 
 
@@ -85,10 +77,10 @@ def test_long_side_cap_and_other_formats(tmp_path):
     path = write_image(tmp_path / "wide.bmp", 300, 60, format="BMP")
     items = [Sample("a", {"captions": ["x"]}, {"": path}), Sample("b", {"captions": ["y"]}, {"": path})]
     convert(Conversion("test", {"s": items}, {"s": "image_text"}), tmp_path / "kept")
-    assert "png" in _read(tmp_path / "kept", "s")[0]  # BMP is not read by the loaders: stored as PNG
+    assert "png" in read_split(tmp_path / "kept", "s")[0]  # BMP is not read by the loaders: stored as PNG
     convert(Conversion("test", {"s": items}, {"s": "image_text"}), tmp_path / "capped",
             options=WriteOptions(max_short_side=50, max_long_side=100))
-    record, _, image = decode_captioned_image(_read(tmp_path / "capped", "s")[0])
+    record, _, image = decode_captioned_image(read_split(tmp_path / "capped", "s")[0])
     assert image.size == (100, 20)
 
 
@@ -102,7 +94,7 @@ def test_pair_slots_and_tar_members(tmp_path):
     right = TarMember(str(inner), info.name, info.offset_data, info.size)
     items = [Sample("p", {"sentence": "s"}, {"left": left, "right": right})]
     convert(Conversion("test", {"n": items}, {"n": "nlvr2"}), tmp_path / "out")
-    sample = _read(tmp_path / "out", "n")[0]
+    sample = read_split(tmp_path / "out", "n")[0]
     assert sample["left.png"] == left.read_bytes() and sample["right.jpg"] == (tmp_path / "r.jpg").read_bytes()
     assert "width" not in json.loads(sample["json"])
 
@@ -117,7 +109,7 @@ def test_resume_keeps_finished_shards_and_rewrites_changed_ones(tmp_path):
                     resume=True)
     assert again["resumed_shards"] == 1  # shard 0 kept; 1 damaged, 2 changed plan
     assert again["splits"]["s"]["shards"][:2] == first["splits"]["s"]["shards"][:2]
-    assert json.loads(_read(tmp_path / "out", "s")[4]["json"])["captions"] == ["changed"]
+    assert json.loads(read_split(tmp_path / "out", "s")[4]["json"])["captions"] == ["changed"]
     smaller = convert(Conversion("test", {"s": items[:2]}, {"s": "image_text"}), tmp_path / "out", shard_size=2,
                       resume=True)
     assert smaller["resumed_shards"] == 1
