@@ -112,9 +112,19 @@ def from_dict(cls: Type[T], data: Dict[str, Any], path: str = "") -> T:
     try:
         return cls(**kwargs)
     except ConfigError as err:
-        if path and not str(err).startswith(path):
-            raise ConfigError(f"{path}.{err}") from None
+        if path:
+            raise ConfigError(_qualified(str(err), path)) from None
         raise
+
+
+def _qualified(message: str, path: str) -> str:
+    """``message`` from a ``__post_init__`` at ``path``, prefixed with the part of ``path`` it lacks:
+    checks name their keys from their own section down (``encoder.hidden_size ...``), not from the root."""
+    parts = path.split(".")
+    for start in range(len(parts)):
+        if message.startswith(".".join(parts[start:]) + "."):
+            return ".".join(parts[:start] + [message]) if start else message
+    return f"{path}.{message}"
 
 
 def to_dict(config: Any) -> Any:

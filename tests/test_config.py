@@ -92,3 +92,9 @@ def test_shipped_configs_validate(path):
     from soho.train.config import FinetuneConfig, PretrainConfig
     config = load_config(PretrainConfig if "/pretrain/" in path else FinetuneConfig, path)
     assert config.train.output_dir.startswith("runs/")
+
+
+def test_nested_check_names_the_key_from_the_root_once():
+    from soho.train.config import PretrainConfig
+    with pytest.raises(ConfigError, match=r"^model\.encoder\.hidden_size \(30\) must be divisible"):
+        from_dict(PretrainConfig, {"model": {"encoder": {"hidden_size": 30, "num_attention_heads": 4}}})

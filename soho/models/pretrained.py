@@ -102,7 +102,10 @@ class SohoPreTrainedModel(nn.Module):
                     raise ValueError(f"BERT weight {name} has shape {tuple(tensor.shape)}, "
                                      f"model expects {tuple(own[target].shape)}")
                 loaded[target] = tensor
-        expected = [k for k in own if k.startswith(tuple(f"{prefix}{p}" for p in ("text_embeddings.", "encoder.")))]
+        # A score function's own weights (general, additive, ...) have no BERT counterpart: they keep
+        # their initialisation, which for the general scores reproduces BERT's scaled dot product.
+        expected = [k for k in own if k.startswith(tuple(f"{prefix}{p}" for p in ("text_embeddings.", "encoder.")))
+                    and ".attention.score." not in k]
         missing = [k for k in expected if k not in loaded]
         if missing:
             raise ValueError(f"BERT checkpoint {path} lacks {len(missing)} encoder weights, e.g. {missing[:3]}")
