@@ -145,6 +145,12 @@ def test_initialisation_from_a_local_bert_checkpoint(tmp_path):
         logits = model.mlm_head(out.text_states, model.soho.text_embeddings.word_embeddings.weight)
     torch.testing.assert_close(out.text_states, expected.hidden_states[-1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits, expected.prediction_logits, atol=1e-4, rtol=1e-4)
+    # A general score's W has no BERT counterpart; it starts as scaled dot, so BERT's outputs are kept.
+    general = SohoForPretraining(tiny_config(**{"encoder.pretrained_path": str(tmp_path / "bert"),
+                                                "encoder.attention.score": "general_qwk"})).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(general.soho(input_ids=ids).text_states, expected.hidden_states[-1],
+                                   atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="num_hidden_layers"):
         SohoForPretraining(tiny_config(**{"encoder.pretrained_path": str(tmp_path / "bert"),
                                           "encoder.num_hidden_layers": 3}))

@@ -75,10 +75,48 @@ class VisualDictionaryConfig:
             raise ConfigError("visual_dictionary.ramp_steps and restart_every must be >= 1")
 
 
+ATTENTION_SCORES = ("dot", "scaled_dot", "cosine", "general_qwk", "general_kwq", "biased_general",
+                    "activated_general", "additive")
+SCORE_ACTIVATIONS = ("tanh", "sigmoid", "relu", "gelu", "leaky_relu", "elu", "softplus")
+
+
 @dataclass
 class AttentionConfig:
-    score: Literal["scaled_dot"] = "scaled_dot"
-    """Attention score function; ``scaled_dot`` runs through ``F.scaled_dot_product_attention``."""
+    """How a query q and a key k (per head, width d) score each other (arXiv 2208.08104)."""
+
+    score: str = "scaled_dot"
+    """``dot`` qᵀk, ``scaled_dot`` qᵀk/√d (BERT; the only one run by ``F.scaled_dot_product_attention``),
+    ``cosine`` s·qᵀk/(‖q‖‖k‖), ``general_qwk`` qᵀWk, ``general_kwq`` kᵀWq, ``biased_general`` qᵀ(Wk + b),
+    ``activated_general`` act(qᵀ(Wk + b)), ``additive`` vᵀtanh(W₁q + W₂k). W starts at I/√d, b at 0, so the
+    general family starts as ``scaled_dot`` and BERT weights stay useful."""
+    share_weights: bool = False
+    """One W (b, v, cosine scale) for all heads instead of one per head."""
+    activation: str = "tanh"
+    """``activated_general`` only: one of tanh, sigmoid, relu, gelu, leaky_relu, elu, softplus."""
+    additive_hidden_size: Optional[int] = None
+    """``additive`` only: width d' of W₁q + W₂k (default: the head width). Memory grows with
+    batch × heads × Lq × Lk × d'."""
+    cosine_scale: float = 10.0
+    """``cosine`` only: scores are cosines times this (plain cosines in [-1, 1] leave the softmax nearly flat)."""
+    learn_cosine_scale: bool = True
+    """``cosine`` only: learn the scale (per head, in log space, capped at 100) from ``cosine_scale``."""
+
+    def __post_init__(self):
+        if self.score not in ATTENTION_SCORES:
+            raise ConfigError(f"encoder.attention.score must be one of {', '.join(ATTENTION_SCORES)}, "
+                              f"got {self.score!r}")
+        if self.activation not in SCORE_ACTIVATIONS:
+            raise ConfigError(f"encoder.attention.activation must be one of {', '.join(SCORE_ACTIVATIONS)}, "
+                              f"got {self.activation!r}")
+        if self.additive_hidden_size is not None and self.additive_hidden_size < 1:
+            raise ConfigError(f"encoder.attention.additive_hidden_size must be >= 1, got {self.additive_hidden_size}")
+        if not 0.0 < self.cosine_scale <= 100.0:
+            raise ConfigError(f"encoder.attention.cosine_scale must be in (0, 100], got {self.cosine_scale}")
+
+
+FUSIONS = ("merged", "co_attention", "modality_specific", "asymmetric")
+# Fusions whose layers have parameters BERT has no counterpart for (cross-attention, a second stream).
+TWO_STREAM_FUSIONS = ("co_attention", "modality_specific")
 
 
 @dataclass
@@ -95,8 +133,15 @@ class EncoderConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
-    fusion: Literal["merged"] = "merged"
-    """How text and image tokens attend to each other; ``merged`` is the single-stream SOHO design."""
+    fusion: str = "merged"
+    """How text and image tokens attend to each other (Decoupling, arXiv 2102.00529): ``merged``, the
+    single-stream SOHO design; ``co_attention``, two streams, each modality queries the other, then itself;
+    ``modality_specific``, ``modality_specific_layers`` per-modality layers, then merged ones; ``asymmetric``,
+    merged layers where only ``asymmetric_queries``' queries see the other modality."""
+    modality_specific_layers: int = 0
+    """``modality_specific`` only: how many of the first layers run per modality (1 to num_hidden_layers)."""
+    asymmetric_queries: Optional[Literal["text", "image"]] = None
+    """``asymmetric`` only: the modality whose queries also attend to the other modality."""
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     pretrained_path: Optional[str] = None
     """Local Hugging Face BERT directory (config.json + weights) to initialise from."""
@@ -115,6 +160,29 @@ class EncoderConfig:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"encoder.{name} must be in [0, 1), got {getattr(self, name)}")
+        self._check_fusion()
+
+    def _check_fusion(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"encoder.fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if self.fusion == "modality_specific":
+            if not 1 <= self.modality_specific_layers <= self.num_hidden_layers:
+                raise ConfigError(f"encoder.modality_specific_layers must be in [1, encoder.num_hidden_layers="
+                                  f"{self.num_hidden_layers}] with fusion modality_specific, "
+                                  f"got {self.modality_specific_layers}")
+        elif self.modality_specific_layers:
+            raise ConfigError(f"encoder.modality_specific_layers={self.modality_specific_layers} is only used with "
+                              f"encoder.fusion: modality_specific (fusion is {self.fusion})")
+        if self.fusion == "asymmetric" and self.asymmetric_queries not in ("text", "image"):
+            raise ConfigError(f"encoder.asymmetric_queries must be text or image with fusion asymmetric, "
+                              f"got {self.asymmetric_queries!r}")
+        if self.fusion != "asymmetric" and self.asymmetric_queries is not None:
+            raise ConfigError(f"encoder.asymmetric_queries={self.asymmetric_queries} is only used with "
+                              f"encoder.fusion: asymmetric (fusion is {self.fusion})")
+        if self.pretrained_path and self.fusion in TWO_STREAM_FUSIONS:
+            raise ConfigError(f"encoder.pretrained_path: BERT weights map onto single-stream layers only "
+                              f"(encoder.fusion merged or asymmetric); fusion {self.fusion} has per-modality "
+                              "layers BERT has no weights for, so it trains from scratch (unset pretrained_path)")
 
     @property
     def head_dim(self) -> int:
