@@ -1,4 +1,5 @@
-"""VALUE probes of a checkpoint on image-caption pairs: modality importance, cross-modal heads, fusion degree.
+"""VALUE probes of a checkpoint on image-caption pairs: modality importance, cross-modal heads, fusion degree,
+and with --probes the probing classifiers (visual coreference, visual relation, linguistic).
 
     python tools/analyze.py --checkpoint runs/synthetic/pretrained --shards data/synthetic/retrieval_val \
         --out runs/analysis --batches 8
@@ -7,6 +8,10 @@ Each image is paired with its first caption. Writes ``results.json`` and PNG fig
 (layer x head heatmaps, the per-layer NMI curve, one caption token's attention over the image grid
 per head, and the image patches of the most used visual dictionary entries) and prints a table.
 See soho/analysis/value.py for the definitions.
+
+--probes trains linear probes on the split's scene graphs (soho/analysis/probes.py), on the checkpoint, on a
+randomly initialised model of the same config and, for the cross-modal probes, with each image shown with
+another image's caption; it pairs each image with its first --captions-per-image captions.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soho.analysis import figures  # noqa: E402
 from soho.analysis.capture import Capture, capture, image_caption_batches  # noqa: E402
+from soho.analysis.probes import CONDITIONS, L2_VALUES, ProbeResult, read_probe_batches, run_probes  # noqa: E402
 from soho.analysis.value import ValueReport, ValueStatistics, attention_over_grid, modality_mass  # noqa: E402
 from soho.models.soho import SohoModel  # noqa: E402
 from soho.processing import SohoProcessor  # noqa: E402
@@ -64,6 +70,19 @@ def print_table(report: ValueReport) -> None:
           f"({100 * report.fusion_image_fraction:.0f}% image); lower = more fused")
     for layer, nmi in enumerate(report.fusion_nmi):
         print(f"  {'emb' if layer == 0 else layer:<5} {nmi:6.3f}")
+
+
+def print_probe_table(results: Dict[str, Dict[str, Dict[str, ProbeResult]]], test_fraction: float) -> None:
+    print(f"\nprobes: accuracy on held-out images ({100 * test_fraction:.0f}% of the images); chance: the training "
+          f"set's majority class; attention: every head, both directions; layer k: the states (0: embeddings)")
+    print(f"  {'probe':<16} {'features':<10} " + " ".join(f"{c.replace('_', '-'):>11}" for c in CONDITIONS)
+          + "   chance  examples (train/test)")
+    for probe, by_features in results["trained"].items():
+        for features, result in by_features.items():
+            cells = [results[c].get(probe, {}).get(features) for c in CONDITIONS]
+            print(f"  {probe:<16} {features:<10} "
+                  + " ".join(f"{'-' if r is None else f'{r.accuracy:.3f}':>11}" for r in cells)
+                  + f"   {result.chance:6.3f}  {result.train_examples}/{result.test_examples}")
 
 
 def token_figure(captured: Capture, batch: Dict[str, Tensor], processor: SohoProcessor, layer: int,
@@ -117,6 +136,12 @@ def main(argv=None) -> int:
     parser.add_argument("--layer", type=int, default=-1, help="layer of the attention-over-grid figure")
     parser.add_argument("--entries", type=int, default=3, help="most used dictionary entries to show")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--probes", action="store_true",
+                        help="also train the probing classifiers (needs records with scene graphs)")
+    parser.add_argument("--captions-per-image", type=int, default=5, help="captions of each image the probes use")
+    parser.add_argument("--test-fraction", type=float, default=0.3, help="share of the images the probes hold out")
+    parser.add_argument("--probe-l2", type=float, nargs="+", default=list(L2_VALUES),
+                        help="L2 weights a probe chooses from on a validation part of its training images")
     args = parser.parse_args(argv)
 
     model = SohoModel.from_pretrained(args.checkpoint).eval().to(args.device)
@@ -154,9 +179,19 @@ def main(argv=None) -> int:
         "checkpoint": args.checkpoint, "shards": args.shards, "skipped": skipped, "value": report.to_dict(),
         "token_attention": token_attention, "dictionary_entries": shown, "figures": [p.name for p in written],
     }
+    probes = None
+    if args.probes:
+        probe_batches, results["probe_skipped"] = read_probe_batches(args.shards, processor, args.batch_size,
+                                                                     args.batches, args.captions_per_image)
+        probes = run_probes(model, probe_batches, args.test_fraction, args.probe_l2, args.seed)
+        results["probes"] = {condition: {probe: {features: result.to_dict() for features, result in found.items()}
+                                         for probe, found in by_probe.items()}
+                             for condition, by_probe in probes.items()}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"VALUE probes of {args.checkpoint} on {report.pairs} image-caption pairs of {args.shards}")
     print_table(report)
+    if probes is not None:
+        print_probe_table(probes, args.test_fraction)
     print(f"\nwrote {out / 'results.json'} and {len(written)} figures")
     return 0
 

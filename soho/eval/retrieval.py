@@ -138,15 +138,15 @@ def encode_gallery(model: SohoForPretraining, pixel_values: Sequence[Tuple[Tenso
 @torch.no_grad()
 def itm_scores(model: SohoForPretraining, gallery: EncodedGallery, text_rows: Tensor, image_rows: Tensor,
                batch_size: int = 256) -> Tensor:
-    """ITM logit margin (matched minus mismatched) of the pairs (text_rows[i], image_rows[i])."""
+    """Match scores of the pairs (text_rows[i], image_rows[i]): the ITM logit margin (matched minus
+    mismatched) or, for contrastive ITM, the score head's output (:meth:`SohoForPretraining.match_scores`)."""
     scores = []
     for start in range(0, len(text_rows), batch_size):
         t = text_rows[start:start + batch_size]
         i = image_rows[start:start + batch_size]
         out = model.soho.encoder(gallery.text_embeddings[t], gallery.text_mask[t],
                                  gallery.image_tokens[i], gallery.image_mask[i])
-        logits = model.itm_head(model.soho.pooler(out.text_states[:, 0])).float()
-        scores.append(logits[:, 1] - logits[:, 0])
+        scores.append(model.match_scores(model.soho.pooler(out.text_states[:, 0])))
     if not scores:
         return gallery.text_embeddings.new_zeros(0)
     return torch.cat(scores)

@@ -216,16 +216,30 @@ class MVMConfig:
             raise ConfigError(f"mvm.temperature must be > 0, got {self.temperature}")
 
 
+ITM_LOSSES = ("classification", "contrastive")
+
+
 @dataclass
 class ITMConfig:
+    loss: str = "classification"
+    """``classification``: SOHO's matched / mismatched classifier over each pair's pooled [CLS].
+    ``contrastive`` (Decoupling, arXiv 2102.00529): a scalar score per pair and a softmax over each caption's
+    own image and ``contrastive_negatives`` other images; every candidate is one more fused pass."""
     negative_probability: float = 0.5
-    """Chance that a pair's caption is swapped for one of another image (SOHO: 0.5)."""
+    """``classification`` only: chance that a pair's image is swapped for another one (SOHO: 0.5)."""
+    contrastive_negatives: int = 32
+    """``contrastive`` only: negative images per caption, drawn from the other images of the batch (at most
+    all of them); Decoupling compares 32 and 1024."""
     hard_negatives: bool = False
-    """Draw swapped captions from ITC similarities (needs ``itc.enabled``) instead of uniformly."""
+    """Draw negative images from ITC similarities (needs ``itc.enabled``) instead of uniformly."""
 
     def __post_init__(self):
+        if self.loss not in ITM_LOSSES:
+            raise ConfigError(f"itm.loss must be one of {', '.join(ITM_LOSSES)}, got {self.loss!r}")
         if not 0.0 <= self.negative_probability <= 1.0:
             raise ConfigError(f"itm.negative_probability must be in [0, 1], got {self.negative_probability}")
+        if self.contrastive_negatives < 1:
+            raise ConfigError(f"itm.contrastive_negatives must be >= 1, got {self.contrastive_negatives}")
 
 
 @dataclass

@@ -65,6 +65,17 @@ class ClassifierHead(nn.Module):
         return self.classifier(pooled)
 
 
+class ScoreHead(nn.Module):
+    """One scalar per pooled vector (contrastive ITM: how well the pair matches, compared across images)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.score = nn.Linear(hidden_size, 1)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.score(pooled).squeeze(-1)
+
+
 class ContrastiveProjection(nn.Module):
     """Projects unimodal features into a shared, L2-normalised space with a learned temperature."""
 

@@ -36,8 +36,39 @@ def mvm_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def itm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Image-text matching: logits (N, 2), labels (N,) with 1 = matched."""
+    """Classification image-text matching: logits (N, 2), labels (N,) with 1 = matched."""
     return F.cross_entropy(logits.float(), labels)
+
+
+def contrastive_itm_loss(scores: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+    """Contrastive image-text matching: scores (N, 1 + K) of each caption's candidate images, its own
+    image in column 0, K negatives after it; softmax cross-entropy towards column 0.
+
+    ``valid`` (N, 1 + K) False drops a candidate from the softmax (another copy of the caption's own image
+    is no negative).
+    """
+    scores = scores.float()
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
+    return F.cross_entropy(scores, torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device))
+
+
+def ranked_first(scores: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+    """Fraction of rows whose column 0 (the positive) scores strictly above every other valid column.
+
+    Strict, so a scorer that gives every candidate the same score is at 0, not at 1.
+    """
+    negatives = scores[:, 1:].float()
+    if valid is not None:
+        negatives = negatives.masked_fill(~valid[:, 1:], float("-inf"))
+    if negatives.shape[1] == 0:
+        return scores.new_ones(()).float()
+    return (scores[:, 0].float() > negatives.max(1).values).float().mean()
+
+
+def ranked_first_chance(valid: Tensor) -> Tensor:
+    """Expected :func:`ranked_first` of random scores: the mean of 1 / (number of valid candidates)."""
+    return (1.0 / valid.sum(1).float()).mean()
 
 
 def itc_loss(image_embeds: Tensor, text_embeds: Tensor, temperature: Tensor,

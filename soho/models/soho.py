@@ -11,8 +11,18 @@ from soho.distributed import rank
 from soho.models.backbone import Backbone
 from soho.models.config import SohoConfig
 from soho.models.encoder import Encoder, EncoderOutput, Pooler, TextEmbeddings
-from soho.models.heads import ClassifierHead, ContrastiveProjection, MLMHead, MVMHead
-from soho.models.losses import IGNORE_INDEX, accuracy, itc_loss, itm_loss, mlm_loss, mvm_loss
+from soho.models.heads import ClassifierHead, ContrastiveProjection, MLMHead, MVMHead, ScoreHead
+from soho.models.losses import (
+    IGNORE_INDEX,
+    accuracy,
+    contrastive_itm_loss,
+    itc_loss,
+    itm_loss,
+    mlm_loss,
+    mvm_loss,
+    ranked_first,
+    ranked_first_chance,
+)
 from soho.models.masking import sample_mvm_mask, visible_entries
 from soho.models.pretrained import SohoPreTrainedModel
 from soho.models.visual_dictionary import VisualDictionary
@@ -121,7 +131,8 @@ class SohoModel(SohoPreTrainedModel):
         text = text_mask = image = image_mask = None
         if input_ids is not None:
             text = self.text_embeddings(input_ids, token_type_ids)
-            text_mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            text_mask = (attention_mask.bool() if attention_mask is not None
+                         else torch.ones_like(input_ids, dtype=torch.bool))
         if grid is not None:
             image, image_mask = self.visual_tokens(grid, masked_cells)
             if image_index is not None:
@@ -152,7 +163,8 @@ class PretrainingOutput:
     """Detached accuracies and dictionary usage, for logging."""
     labels: Dict[str, Tensor] = field(default_factory=dict)
     """The labels each accuracy was measured on (itm: matched or not, mlm: masked tokens,
-    mvm: dictionary entries of masked cells), for chance levels and analysis."""
+    mvm: dictionary entries of masked cells), for chance levels and analysis. Contrastive ITM has
+    no class labels (the positive is always candidate 0); its chance level is ``metrics["chance_itm_acc"]``."""
     mvm_visible: Optional[Tensor] = None
     """(masked cells, K) bool: the entries of the unmasked cells of each masked cell's image,
     which SOHO's masking rules out as answers."""
@@ -164,7 +176,11 @@ def masked_mean(states: Tensor, mask: Tensor) -> Tensor:
 
 
 class SohoForPretraining(SohoPreTrainedModel):
-    """SohoModel with the MLM, ITM, MVM and (optional) ITC heads, and the pre-training forward."""
+    """SohoModel with the MLM, ITM, MVM and (optional) ITC heads, and the pre-training forward.
+
+    ITM is a 2-way classifier (``itm_head``) or, with ``itm.loss: contrastive``, a scalar score
+    (``itm_score_head``); :meth:`match_scores` gives the score to rank pairs by with either.
+    """
 
     def __init__(self, config: SohoConfig):
         super().__init__()
@@ -172,8 +188,12 @@ class SohoForPretraining(SohoPreTrainedModel):
         encoder = config.encoder
         self.soho = SohoModel(config)
         self.mlm_head = MLMHead(encoder.hidden_size, encoder.vocab_size, encoder.hidden_act, encoder.layer_norm_eps)
-        self.itm_head = ClassifierHead(encoder.hidden_size, 2)
-        heads = [self.mlm_head, self.itm_head]
+        if config.itm.loss == "contrastive":
+            self.itm_score_head = ScoreHead(encoder.hidden_size)
+            heads = [self.mlm_head, self.itm_score_head]
+        else:
+            self.itm_head = ClassifierHead(encoder.hidden_size, 2)
+            heads = [self.mlm_head, self.itm_head]
         if config.use_visual_dictionary:
             self.mvm_head = MVMHead(encoder.hidden_size, config.visual_dictionary.size, config.mvm.score,
                                     config.mvm.temperature, encoder.hidden_act, encoder.layer_norm_eps)
@@ -216,13 +236,27 @@ class SohoForPretraining(SohoPreTrainedModel):
         """L2-normalised image embeddings (B, E) for dual-encoder retrieval (needs ITC)."""
         return self.image_embeds(self.soho.embed_image(pixel_values, pixel_mask))
 
+    def match_scores(self, pooled: Tensor) -> Tensor:
+        """(N,) float scores that rank pairs by how well they match, from their pooled [CLS]: the ITM logit
+        margin (matched minus mismatched) of the classifier, or the contrastive score."""
+        if self.config.itm.loss == "contrastive":
+            return self.itm_score_head(pooled).float()
+        logits = self.itm_head(pooled).float()
+        return logits[:, 1] - logits[:, 0]
+
     @torch.no_grad()
     def score(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
               pixel_mask: Optional[Tensor] = None, token_type_ids: Optional[Tensor] = None,
               image_index: Optional[Tensor] = None) -> Tensor:
-        """ITM probability (N,) that text n matches image ``image_index[n]`` (default: image n)."""
+        """How well text n matches image ``image_index[n]`` (default: image n), (N,).
+
+        Classification ITM: the probability of "matched". Contrastive ITM: the raw score, which only
+        compares images for one caption (a softmax over a caption's candidate images gives probabilities).
+        """
         out = self.soho(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                         pixel_values=pixel_values, pixel_mask=pixel_mask, image_index=image_index)
+        if self.config.itm.loss == "contrastive":
+            return self.match_scores(out.pooled)
         return self.itm_head(out.pooled).softmax(-1)[:, 1]
 
     def _itm_partners(self, image_index: Tensor, num_images: int,
@@ -242,6 +276,43 @@ class SohoForPretraining(SohoPreTrainedModel):
             offsets = torch.randint(1, num_images, (num_texts,), device=device)
             others = (image_index + offsets) % num_images
         return torch.where(swap, others, image_index)
+
+    def _contrastive_negatives(self, image_index: Tensor, num_images: int,
+                               text_to_image_logits: Optional[Tensor]) -> Tensor:
+        """(N, K) negative images of each text: K = min(``itm.contrastive_negatives``, images - 1) other
+        images of the batch, without replacement, drawn uniformly or in proportion to ITC similarity."""
+        num_texts = image_index.shape[0]
+        count = min(self.config.itm.contrastive_negatives, num_images - 1)
+        if count < 1:
+            return image_index.new_zeros(num_texts, 0)
+        if text_to_image_logits is not None:
+            weights = text_to_image_logits.detach().float().softmax(dim=1)
+        else:
+            weights = torch.ones(num_texts, num_images, device=image_index.device)
+        # The floor keeps every other image drawable when the softmax underflows; the own image never is.
+        weights = weights.clamp(min=1e-12)
+        weights[torch.arange(num_texts, device=image_index.device), image_index] = 0
+        return torch.multinomial(weights, count, replacement=False)
+
+    def _contrastive_itm(self, positive_pooled: Tensor, negatives: Tensor, image_index: Tensor, image_ids: Tensor,
+                         grid: VisualGrid, masked_cells: Optional[Tensor], text_ids: Tensor, attention_mask: Tensor,
+                         token_type_ids: Optional[Tensor]) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Loss and metrics of contrastive ITM: each text scored with its own image (column 0, the pass the
+        other objectives share) and with each negative, one more fused pass per negative."""
+        num_texts, count = negatives.shape
+        scores = self.itm_score_head(positive_pooled)[:, None]
+        if count:
+            rows = torch.arange(num_texts, device=negatives.device).repeat_interleave(count)
+            negative_out = self.soho(input_ids=text_ids[rows], attention_mask=attention_mask[rows],
+                                     token_type_ids=token_type_ids[rows] if token_type_ids is not None else None,
+                                     grid=grid, image_index=negatives.flatten(), masked_cells=masked_cells)
+            scores = torch.cat([scores, self.itm_score_head(negative_out.pooled).view(num_texts, count)], dim=1)
+        candidates = torch.cat([image_index[:, None], negatives], dim=1)
+        # Another copy of the text's own image (same image id) is no negative.
+        valid = image_ids[candidates] != image_ids[image_index][:, None]
+        valid[:, 0] = True
+        metrics = {"itm_acc": ranked_first(scores.detach(), valid), "chance_itm_acc": ranked_first_chance(valid)}
+        return contrastive_itm_loss(scores, valid), metrics
 
     def forward(
         self,
@@ -287,8 +358,10 @@ class SohoForPretraining(SohoPreTrainedModel):
             metrics["itc_acc"] = (image_ids[t2i_logits.argmax(1)] == image_ids[image_index]).float().mean()
             metrics["itc_temperature"] = self.itc_head.temperature.detach()
 
-        partners = self._itm_partners(image_index, num_images,
-                                      t2i_logits if config.itm.hard_negatives else None)
+        hard_logits = t2i_logits if config.itm.hard_negatives else None
+        contrastive = config.itm.loss == "contrastive"
+        # Contrastive ITM shows every text its own image in the shared pass and the negatives in another.
+        partners = image_index if contrastive else self._itm_partners(image_index, num_images, hard_logits)
         matched = image_ids[partners] == image_ids[image_index]
 
         masked_cells = mvm_visible = None
@@ -300,11 +373,19 @@ class SohoForPretraining(SohoPreTrainedModel):
         out = self.soho(input_ids=text_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                         grid=grid, image_index=partners, masked_cells=masked_cells)
 
-        itm_logits = self.itm_head(out.pooled)
-        itm_labels = matched.long()
-        losses["itm"] = itm_loss(itm_logits, itm_labels)
-        metrics["itm_acc"] = accuracy(itm_logits.detach(), itm_labels)
-        labels_of = {"itm": itm_labels}
+        if contrastive:
+            negatives = self._contrastive_negatives(image_index, num_images, hard_logits)
+            losses["itm"], itm_metrics = self._contrastive_itm(out.pooled, negatives, image_index, image_ids, grid,
+                                                               masked_cells, text_ids, attention_mask,
+                                                               token_type_ids)
+            metrics.update(itm_metrics)
+            labels_of = {}
+        else:
+            itm_logits = self.itm_head(out.pooled)
+            itm_labels = matched.long()
+            losses["itm"] = itm_loss(itm_logits, itm_labels)
+            metrics["itm_acc"] = accuracy(itm_logits.detach(), itm_labels)
+            labels_of = {"itm": itm_labels}
 
         if mlm_labels is not None and config.loss_weights.mlm > 0:
             labels = mlm_labels.masked_fill(~matched[:, None], IGNORE_INDEX)

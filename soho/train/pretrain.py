@@ -171,19 +171,124 @@ def save_checkpoint(accelerator: Accelerator, model: nn.Module, output_dir: Path
     return final
 
 
-def pretrain(config: PretrainConfig) -> Dict[str, float]:
-    """Run pre-training; returns the final held-out evaluation."""
+def build_accelerator(config: PretrainConfig) -> Accelerator:
+    """The Accelerator of a pre-training run (also what ``tools/benchmark.py overhead`` measures)."""
     train = config.train
-    output_dir = Path(train.output_dir)
-    accelerator = Accelerator(
+    return Accelerator(
         # Without this, processes started by torchrun on a GPU-less machine would not form a group.
         cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         mixed_precision=train.mixed_precision,
         gradient_accumulation_steps=config.optim.accumulation_steps,
         log_with=list(train.trackers) or None,
-        project_dir=str(output_dir),
+        project_dir=str(Path(train.output_dir)),
         step_scheduler_with_optimizer=False,
     )
+
+
+class TrainingLoop:
+    """What pre-training does with each batch: forward, backward, optimizer and scheduler steps, the
+    window of metrics logged every ``train.log_every`` steps and the data positions a checkpoint
+    needs for exact resumption.
+
+    :func:`pretrain` feeds it from the loader; ``tools/benchmark.py overhead`` times it against a
+    bare PyTorch loop on the same batches, so the two must stay one code path.
+    """
+
+    def __init__(self, accelerator: Accelerator, model: nn.Module, optimizers, schedulers, config: PretrainConfig,
+                 writer: MetricWriter, step: int = 0, positions: Optional[Dict[int, int]] = None,
+                 progress: Optional[tqdm] = None):
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizers = optimizers
+        self.schedulers = schedulers
+        self.config = config
+        self.writer = writer
+        self.step = step
+        self.positions: Dict[int, int] = dict(positions or {})
+        self.progress = progress
+        self.skipped_total = 0
+        self.samples_total = 0
+        self.last_values: Dict[str, float] = {}
+        """Losses and metrics of the last batch."""
+        self.started = time.perf_counter()
+        self._open_window()
+
+    def _open_window(self) -> None:
+        self.window: Dict[str, List[float]] = defaultdict(list)
+        self.window_start = time.perf_counter()
+        self.pairs_in_window = 0
+        self.images_in_window = 0
+
+    def train_batch(self, batch: Dict) -> bool:
+        """Train on one batch; True when it completed an optimizer step (not on accumulation micro-steps)."""
+        accelerator, model, config = self.accelerator, self.model, self.config
+        freeze_at = config.train.freeze_backbone_norm_at
+        if freeze_at is not None and self.step >= freeze_at:
+            accelerator.unwrap_model(model).soho.backbone.freeze_norm_statistics()
+        self.positions[batch["worker"]] = batch["position"]
+        skipped = sum(batch["skipped"].values())
+        self.skipped_total += skipped
+        self.samples_total += batch["samples"] + skipped
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                out = model(**_to_device(batch, accelerator.device))
+            accelerator.backward(out.loss)
+            grad_norm = optimizer_step(accelerator, model, self.optimizers, config.optim.grad_clip)
+        if grad_norm is not None:
+            self.window["grad_norm"].append(grad_norm)
+        self.last_values = logged_values(out)
+        for name, value in self.last_values.items():
+            self.window[name].append(value)
+        self.pairs_in_window += batch["input_ids"].shape[0]
+        self.images_in_window += batch["pixel_values"].shape[0]
+        if not accelerator.sync_gradients:
+            return False
+        for scheduler in self.schedulers:
+            scheduler.step()
+        self.step += 1
+        if self.progress is not None:
+            self.progress.update(1)
+        if self.step % config.train.log_every == 0 or self.step == config.train.max_steps:
+            self._log()
+        return True
+
+    def _log(self) -> None:
+        accelerator = self.accelerator
+        elapsed = time.perf_counter() - self.window_start
+        counts = accelerator.reduce(torch.tensor([self.skipped_total, self.samples_total], device=accelerator.device),
+                                    reduction="sum")
+        skip_fraction = counts[0].item() / max(1, counts[1].item())
+        record = {"step": self.step, **{k: sum(v) / len(v) for k, v in self.window.items() if v},
+                  "lr": self.schedulers[0].get_last_lr()[0],
+                  "pairs_per_second": self.pairs_in_window * accelerator.num_processes / elapsed,
+                  "images_per_second": self.images_in_window * accelerator.num_processes / elapsed,
+                  "skipped_samples": int(counts[0].item()), "skip_fraction": skip_fraction,
+                  "elapsed_seconds": time.perf_counter() - self.started}
+        if len(self.optimizers) > 1:
+            record["lr_backbone"] = self.schedulers[1].get_last_lr()[0]
+        self.writer.write(record)
+        if self.config.train.trackers:
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
+        if self.progress is not None:
+            self.progress.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", "itm_acc", "mlm_acc", "mvm_acc")
+                                       if k in record})
+        check_skip_fraction(int(counts[0].item()), int(counts[1].item()), self.config.data.max_skip_fraction)
+        self._open_window()
+
+    def out_of_time(self) -> bool:
+        """Whether ``train.max_minutes`` has passed on any rank; every rank gets the same answer."""
+        max_minutes = self.config.train.max_minutes
+        out_of_time = max_minutes is not None and time.perf_counter() - self.started > max_minutes * 60
+        # Every rank must agree to stop, or the others would wait forever in a collective.
+        return bool(self.accelerator.reduce(torch.tensor([float(out_of_time)], device=self.accelerator.device),
+                                            reduction="sum").item() > 0)
+
+
+def pretrain(config: PretrainConfig) -> Dict[str, float]:
+    """Run pre-training; returns the final held-out evaluation."""
+    train = config.train
+    output_dir = Path(train.output_dir)
+    accelerator = build_accelerator(config)
     set_seed(train.seed, device_specific=True)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -225,75 +330,25 @@ def pretrain(config: PretrainConfig) -> Dict[str, float]:
     writer = MetricWriter(output_dir / "metrics.jsonl", accelerator.is_main_process)
     progress = tqdm(total=train.max_steps, initial=step, disable=not accelerator.is_local_main_process,
                     desc="pretrain")
+    loop = TrainingLoop(accelerator, model, optimizers, schedulers, config, writer, step, positions, progress)
 
-    window: Dict[str, List[float]] = defaultdict(list)
-    skipped_total, samples_total = 0, 0
-    window_start, pairs_in_window, images_in_window = time.perf_counter(), 0, 0
-    started = time.perf_counter()
     model.train()
     batches = iter(loader)
-    while step < train.max_steps:
-        if train.freeze_backbone_norm_at is not None and step >= train.freeze_backbone_norm_at:
-            accelerator.unwrap_model(model).soho.backbone.freeze_norm_statistics()
-        batch = next(batches)
-        positions[batch["worker"]] = batch["position"]
-        skipped = sum(batch["skipped"].values())
-        skipped_total += skipped
-        samples_total += batch["samples"] + skipped
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                out = model(**_to_device(batch, accelerator.device))
-            accelerator.backward(out.loss)
-            grad_norm = optimizer_step(accelerator, model, optimizers, config.optim.grad_clip)
-        if grad_norm is not None:
-            window["grad_norm"].append(grad_norm)
-        for name, value in logged_values(out).items():
-            window[name].append(value)
-        pairs_in_window += batch["input_ids"].shape[0]
-        images_in_window += batch["pixel_values"].shape[0]
-        if not accelerator.sync_gradients:
+    while loop.step < train.max_steps:
+        if not loop.train_batch(next(batches)):
             continue
-        for scheduler in schedulers:
-            scheduler.step()
-        step += 1
-        progress.update(1)
-
-        if step % train.log_every == 0 or step == train.max_steps:
-            elapsed = time.perf_counter() - window_start
-            counts = accelerator.reduce(torch.tensor([skipped_total, samples_total], device=accelerator.device),
-                                        reduction="sum")
-            skip_fraction = counts[0].item() / max(1, counts[1].item())
-            record = {"step": step, **{k: sum(v) / len(v) for k, v in window.items() if v},
-                      "lr": schedulers[0].get_last_lr()[0],
-                      "pairs_per_second": pairs_in_window * accelerator.num_processes / elapsed,
-                      "images_per_second": images_in_window * accelerator.num_processes / elapsed,
-                      "skipped_samples": int(counts[0].item()), "skip_fraction": skip_fraction,
-                      "elapsed_seconds": time.perf_counter() - started}
-            if len(optimizers) > 1:
-                record["lr_backbone"] = schedulers[1].get_last_lr()[0]
-            writer.write(record)
-            if train.trackers:
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-            progress.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", "itm_acc", "mlm_acc", "mvm_acc")
-                                  if k in record})
-            check_skip_fraction(int(counts[0].item()), int(counts[1].item()), config.data.max_skip_fraction)
-            window.clear()
-            window_start, pairs_in_window, images_in_window = time.perf_counter(), 0, 0
-
-        out_of_time = train.max_minutes is not None and time.perf_counter() - started > train.max_minutes * 60
-        # Every rank must agree to stop, or the others would wait forever in a collective.
-        out_of_time = bool(accelerator.reduce(torch.tensor([float(out_of_time)], device=accelerator.device),
-                                              reduction="sum").item() > 0)
+        step = loop.step
+        out_of_time = loop.out_of_time()
         if train.eval_every and step % train.eval_every == 0 and train.eval_shards:
             writer.write({"step": step, "eval": evaluate(model, config, tokenizer, accelerator)})
         if step % train.save_every == 0 or step == train.max_steps or out_of_time:
-            save_checkpoint(accelerator, model, output_dir, step, positions, processor, train.keep_last, config)
+            save_checkpoint(accelerator, model, output_dir, step, loop.positions, processor, train.keep_last, config)
         if out_of_time:
             logger.info("stopping at step %d: train.max_minutes=%s reached", step, train.max_minutes)
             break
     progress.close()
 
-    final = {"step": step, "final": True, "wall_seconds": time.perf_counter() - started}
+    final = {"step": loop.step, "final": True, "wall_seconds": time.perf_counter() - loop.started}
     if train.eval_shards:
         final["eval"] = evaluate(model, config, tokenizer, accelerator)
     writer.write(final)
