@@ -10,6 +10,7 @@ from test_pretraining import COLOURS, run_config, write_world
 
 import soho.train.ablation as ablation_module
 from soho.config import ConfigError, to_dict
+from soho.models.soho import SohoForPretraining
 from soho.tokenizer import train_wordpiece_tokenizer
 from soho.train.ablation import format_table, load_ablation, run_ablation, summarize
 
@@ -90,6 +91,10 @@ def test_sweep_runs_every_variant_and_seed_tabulates_and_resumes(sweep, tmp_path
             mean, std = by_hand([runs[(variant, seed)]["metrics"][column] for seed in (0, 1)])
             assert cells[columns.index(column)] == f"{mean:.2f} ± {std:.2f}"
         assert cells[:2] == [variant, "2"]
+        parameters = runs[(variant, 0)]["metrics"]["model/parameters_total"]
+        assert parameters == sum(p.numel() for p in SohoForPretraining.from_pretrained(
+            tmp_path / "out" / variant / "seed_0" / "pretrain" / "pretrained").parameters())
+        assert cells[columns.index("model/parameters_total")] == f"{parameters:,} ± 0"
     chance = cells_of(lines[4])
     assert chance[:2] == ["chance", ""]
     assert chance[columns.index(RSUM)] == f"{runs[('merged', 0)]['metrics']['zero_shot/chance/rsum']:.2f}"

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from soho.config import ConfigError, from_dict
 from soho.models.attention import (
@@ -12,6 +13,7 @@ from soho.models.attention import (
     added_parameters,
 )
 from soho.models.config import ATTENTION_SCORES, SCORE_ACTIVATIONS, AttentionConfig, SohoConfig
+from soho.models.soho import SohoForPretraining
 
 HIDDEN, HEADS, HEAD_DIM = 8, 2, 4  # √d = 2, so dividing by it is exact in floating point
 SCORES = sorted(ATTENTION_SCORES)
@@ -309,6 +311,14 @@ def test_added_parameters_and_sharing_weights_across_heads(name):
     bert_shaped = make_attention("scaled_dot")
     assert (sum(p.numel() for p in layers[0].parameters()) - sum(p.numel() for p in bert_shaped.parameters())
             == per_head)
+
+
+def test_a_model_reports_the_parameters_its_score_functions_add():
+    plain = SohoForPretraining(tiny_config(**{"encoder.attention": {"score": "scaled_dot"}})).parameter_counts()
+    general = SohoForPretraining(tiny_config(**{"encoder.attention": {"score": "general_qwk"}})).parameter_counts()
+    assert plain["attention_score_added"] == 0 and plain["trainable"] <= plain["total"]
+    assert general["attention_score_added"] > 0
+    assert general["total"] - plain["total"] == general["attention_score_added"]
 
 
 @pytest.mark.parametrize("name", LEARNED)

@@ -351,3 +351,18 @@ def test_answer_vocabulary_file_is_checked_before_training(world, tmp_path):
             answer_vocabulary(config(**{"data.answer_vocabulary_size": 2}))
     path.write_text('{"answers": ["yes", "no"]}')
     assert answer_vocabulary(config(**{"data.answer_vocabulary_size": 2})).answers == ["yes", "no"]
+
+
+def test_retrieval_evaluation_in_bf16_reports_its_precision_and_agrees_with_float32(world, tmp_path):
+    evaluate = load_tool("evaluate")
+    results = {}
+    for precision in ("no", "bf16"):
+        output = tmp_path / precision
+        assert evaluate.main(["retrieval", "--checkpoint", str(world / "pretrained"),
+                              "--shards", str(world / "data" / "retrieval_val"), "--protocols", "itm_all", "itc",
+                              "--mixed-precision", precision, "--output", str(output)]) == 0
+        results[precision] = json.loads((output / "results.json").read_text())
+        assert results[precision]["cost"]["mixed_precision"] == precision
+    # 6 images: R@10 is 100 either way; bf16 may only reorder near-ties, so R@5 moves by at most one query.
+    for metric, value in results["no"]["metrics"].items():
+        assert results["bf16"]["metrics"][metric] == pytest.approx(value, abs=100 / 6 + 1e-6), metric

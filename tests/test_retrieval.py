@@ -43,6 +43,20 @@ def test_unranked_items_never_count_as_hits():
     assert metrics["txt_r10"] == pytest.approx(50.0)
 
 
+def test_ties_with_the_true_item_count_against_it():
+    # A model that scores every pair alike finds nothing; one tie behind a strict winner is rank 2.
+    text_image = torch.tensor([0, 0, 1])
+    same = recall_metrics(torch.zeros(3, 2), torch.zeros(2, 3), text_image, ks=(1, 2))
+    assert same["img_r1"] == 0.0 and same["txt_r1"] == 0.0
+    # An image's own captions never count as ahead of it: image 0 ties with caption 2 only (rank 1),
+    # image 1 with captions 0 and 1 (rank 2).
+    assert same["txt_r2"] == pytest.approx(50.0) and same["img_r2"] == pytest.approx(100.0)
+    t2i = torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.7, 0.5]])
+    metrics = recall_metrics(t2i, t2i.t(), text_image, ks=(1,))
+    assert metrics["img_r1"] == pytest.approx(100 / 3)  # caption 0 ties with image 1, caption 2 is beaten
+    assert metrics["txt_r1"] == pytest.approx(50.0)  # image 0's best (0.9) wins; image 1's best (0.5) ties
+
+
 def test_chance_recall():
     assert chance_recall(4, [1, 1, 1, 1], ks=(1,))["txt_r1"] == pytest.approx(25.0)
     # Two images with 5 captions each: a random first text belongs to the image half the time.
@@ -52,17 +66,21 @@ def test_chance_recall():
     assert chance_recall(100, [5] * 100, ks=(10,))["img_r10"] == pytest.approx(10.0)
 
 
-@pytest.fixture(scope="module")
-def gallery_setup():
-    torch.manual_seed(0)
-    model = SohoForPretraining(tiny_config(**{"itc.enabled": True})).eval()
-    batch = tiny_batch(num_images=5, captions_per_image=2, seed=3)
+def gallery_batches(batch):
     pixels, masks = batch["pixel_values"], batch["pixel_mask"]
     images = [(pixels[:3], masks[:3]), (pixels[3:], masks[3:])]
     # Two text batches of different lengths: the gallery pads them to one length.
     texts = [{"input_ids": batch["input_ids"][:6], "attention_mask": batch["attention_mask"][:6]},
              {"input_ids": batch["input_ids"][6:, :7], "attention_mask": batch["attention_mask"][6:, :7]}]
-    gallery = encode_gallery(model, images, texts, batch["image_index"])
+    return images, texts, batch["image_index"]
+
+
+@pytest.fixture(scope="module")
+def gallery_setup():
+    torch.manual_seed(0)
+    model = SohoForPretraining(tiny_config(**{"itc.enabled": True})).eval()
+    batch = tiny_batch(num_images=5, captions_per_image=2, seed=3)
+    gallery = encode_gallery(model, *gallery_batches(batch))
     return model, batch, gallery
 
 
@@ -97,6 +115,20 @@ def test_protocols_agree_when_the_shortlist_covers_the_gallery(gallery_setup):
     torch.testing.assert_close(itc.text_to_image, cosine, atol=1e-5, rtol=0)
     torch.testing.assert_close(itc.image_to_text, cosine.t(), atol=1e-5, rtol=0)
     assert itc.cost["fusion_passes"] == 0
+
+
+def test_bf16_scoring_stays_close_to_float32_and_returns_float32(gallery_setup):
+    model, batch, gallery = gallery_setup
+    full = retrieve(model, gallery, "itm_all")
+    for protocol in ("itm_all", "itc_itm"):
+        half = retrieve(model, gallery, protocol, k=5, mixed_precision="bf16")
+        assert half.text_to_image.dtype == torch.float32
+        # bf16 keeps 8 bits of mantissa: scores agree to about 1 %, not to float32's 1e-5.
+        scale = full.text_to_image.abs().max()
+        assert (half.text_to_image - full.text_to_image).abs().max() < 0.05 * scale
+        assert not torch.equal(half.text_to_image, full.text_to_image)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        retrieve(model, gallery, "itm_all", mixed_precision="fp8")
 
 
 def test_itc_protocols_need_an_itc_model():

@@ -172,7 +172,8 @@ def retrieval(args, config: PretrainConfig) -> dict:
         images, texts, text_image = split.image_batches, split.text_batches, split.text_image
         source = {"gallery": args.shards, "model": args.checkpoint}
     return {**source, **benchmark_retrieval(model.to(device), images, texts, text_image, args.protocols, args.k,
-                                            args.fusion_batch_size, args.naive_pairs, config.train.seed)}
+                                            args.fusion_batch_size, args.naive_pairs, config.train.seed,
+                                            args.mixed_precision)}
 
 
 def overhead(args, config: PretrainConfig) -> dict:
@@ -242,12 +243,14 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=100, help="retrieval: gallery images")
     parser.add_argument("--random", action="store_true",
                         help="retrieval: random tensors and a random model of --config instead of --shards and "
-                             "--checkpoint (timing only: such a model scores many pairs alike, and ties count as "
-                             "hits, so its recall means nothing)")
+                             "--checkpoint (timing only: random data has nothing to retrieve, so its recall means "
+                             "nothing)")
     parser.add_argument("--captions-per-image", type=int, default=5, help="retrieval with --random")
     parser.add_argument("--protocols", nargs="+", default=list(BENCHMARK_PROTOCOLS), choices=BENCHMARK_PROTOCOLS)
     parser.add_argument("--k", type=int, default=16, help="retrieval: itc_itm shortlist size")
     parser.add_argument("--fusion-batch-size", type=int, default=512, help="retrieval: pairs per Transformer pass")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                        help="retrieval: autocast the encoders and fusion passes")
     parser.add_argument("--naive-pairs", type=int, default=1024,
                         help="retrieval: pairs timed for itm_all_naive (extrapolated to the gallery)")
     parser.add_argument("overrides", nargs="*")

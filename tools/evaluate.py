@@ -64,7 +64,8 @@ def evaluate(args) -> dict:
         result = None
         if accelerator.is_main_process:
             result = evaluate_retrieval(model, args.shards, processor, args.protocols, args.k, args.itc_weight,
-                                        args.batch_size, args.fusion_batch_size, args.max_images)
+                                        args.batch_size, args.fusion_batch_size, args.max_images,
+                                        args.mixed_precision)
     else:
         model = TASK_MODELS[args.task].from_pretrained(args.checkpoint).to(accelerator.device).eval()
         vocabulary = AnswerVocabulary(model.config.labels) if args.task == "vqa" else None
@@ -105,6 +106,9 @@ def main(argv=None) -> int:
                              help="add this multiple of the ITC cosine to the ITM margin in itc_itm")
             sub.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
             sub.add_argument("--fusion-batch-size", type=int, default=512, help="pairs per fusion pass")
+            sub.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                             help="autocast the encoders and fusion passes (bf16: ~2.5x faster fusion on a CPU "
+                                  "with AVX-512 BF16; scores stay float32)")
         if task == "vqa":
             sub.add_argument("--predict-only", action="store_true",
                              help="for splits whose answers are withheld (VQA v2 test-dev, test): predict every "

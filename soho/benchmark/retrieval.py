@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from soho.benchmark.timing import synchronize
-from soho.eval.retrieval import PROTOCOLS, encode_gallery, retrieve
+from soho.eval.retrieval import PROTOCOLS, autocast, encode_gallery, retrieve
 from soho.models.soho import SohoForPretraining
 
 BENCHMARK_PROTOCOLS = ("itm_all_naive",) + PROTOCOLS
@@ -53,17 +53,18 @@ def _padded_cat(tensors: Sequence[Tensor]) -> Tensor:
 
 @torch.no_grad()
 def naive_itm_scores(model: SohoForPretraining, images: Tuple[Tensor, Tensor], texts: Dict[str, Tensor],
-                     text_rows: Tensor, image_rows: Tensor, batch_size: int) -> Tensor:
+                     text_rows: Tensor, image_rows: Tensor, batch_size: int, mixed_precision: str = "no") -> Tensor:
     """Match scores (as :func:`soho.eval.retrieval.itm_scores`) of the pairs (text_rows[i], image_rows[i]),
     each through the whole model."""
     pixel_values, pixel_mask = images
     scores = []
     for start in range(0, len(text_rows), batch_size):
         t, i = text_rows[start:start + batch_size], image_rows[start:start + batch_size]
-        out = model.soho(input_ids=texts["input_ids"][t], attention_mask=texts["attention_mask"][t],
-                         token_type_ids=texts["token_type_ids"][t] if "token_type_ids" in texts else None,
-                         pixel_values=pixel_values[i], pixel_mask=pixel_mask[i])
-        scores.append(model.match_scores(out.pooled))
+        with autocast(pixel_values.device, mixed_precision):
+            out = model.soho(input_ids=texts["input_ids"][t], attention_mask=texts["attention_mask"][t],
+                             token_type_ids=texts["token_type_ids"][t] if "token_type_ids" in texts else None,
+                             pixel_values=pixel_values[i], pixel_mask=pixel_mask[i])
+        scores.append(model.match_scores(model.soho.pooler(out.text_states[:, 0].float())))
     return torch.cat(scores)
 
 
@@ -75,7 +76,7 @@ def _recall_summary(metrics: Dict[str, float]) -> Dict[str, float]:
 def benchmark_retrieval(model: SohoForPretraining, image_batches: ImageBatches, text_batches: TextBatches,
                         text_image: Tensor,
                         protocols: Sequence[str] = BENCHMARK_PROTOCOLS, k: int = 16, fusion_batch_size: int = 512,
-                        naive_pairs: int = 1024, seed: int = 0) -> Dict:
+                        naive_pairs: int = 1024, seed: int = 0, mixed_precision: str = "no") -> Dict:
     """Seconds and R@1 of each protocol on the gallery; every protocol is charged the gallery encoding
     (images and texts once), which it would need on its own, except ``itm_all_naive``, which needs none."""
     unknown = sorted(set(protocols) - set(BENCHMARK_PROTOCOLS))
@@ -90,6 +91,7 @@ def benchmark_retrieval(model: SohoForPretraining, image_batches: ImageBatches, 
     encode_seconds = time.perf_counter() - start
     num_texts, num_images = len(text_image), gallery.image_tokens.shape[0]
     result: Dict = {"images": num_images, "texts": num_texts, "device": str(device), "k": k,
+                    "mixed_precision": mixed_precision, "fusion_batch_size": fusion_batch_size,
                     "encode_seconds": encode_seconds, "protocols": {}}
     cached_scores = None
     for protocol in (p for p in PROTOCOLS if p in protocols):
@@ -97,7 +99,8 @@ def benchmark_retrieval(model: SohoForPretraining, image_batches: ImageBatches, 
             result["protocols"][protocol] = {"skipped": "the model has no ITC head"}
             continue
         start = time.perf_counter()
-        ranked = retrieve(model, gallery, protocol, k=k, batch_size=fusion_batch_size)
+        ranked = retrieve(model, gallery, protocol, k=k, batch_size=fusion_batch_size,
+                          mixed_precision=mixed_precision)
         synchronize(device)
         score_seconds = time.perf_counter() - start
         result["protocols"][protocol] = {"seconds": encode_seconds + score_seconds, "score_seconds": score_seconds,
@@ -113,7 +116,7 @@ def benchmark_retrieval(model: SohoForPretraining, image_batches: ImageBatches, 
         texts = {key: _padded_cat([batch[key] for batch in text_batches]).to(device) for key in keys}
         synchronize(device)
         start = time.perf_counter()
-        scores = naive_itm_scores(model, images, texts, text_rows, image_rows, fusion_batch_size)
+        scores = naive_itm_scores(model, images, texts, text_rows, image_rows, fusion_batch_size, mixed_precision)
         synchronize(device)
         measured = time.perf_counter() - start
         naive = {"seconds": measured / len(pairs) * num_texts * num_images, "score_seconds": measured,

@@ -7,10 +7,15 @@
 - ``itc_itm``: a faiss top-k shortlist per query, re-ranked by ITM (optionally plus the
   ITC similarity); everything outside the shortlist ranks last.
 
-Scores are (queries x gallery) matrices in which ``-inf`` means "not ranked".
+Scores are (queries x gallery) matrices in which ``-inf`` means "not ranked"; a tie with the
+true item counts against it, so a model that scores everything alike gets no hits. With
+``mixed_precision="bf16"`` (or ``"fp16"``) the fusion passes run under autocast (on a CPU with
+AVX-512 BF16 about 2.5x faster); the gallery encoding, the ITC embeddings and the match-score head
+stay float32, since half-precision embeddings of a weak model collapse into ties.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Sequence, Tuple
@@ -24,27 +29,38 @@ from soho.models.soho import SohoForPretraining
 
 Protocol = Literal["itm_all", "itc", "itc_itm"]
 PROTOCOLS: Tuple[str, ...] = ("itm_all", "itc", "itc_itm")
+MixedPrecision = Literal["no", "bf16", "fp16"]
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, mixed_precision: MixedPrecision):
+    """Accelerate's ``mixed_precision`` names as a context for inference (no gradient scaler needed)."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    if mixed_precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"mixed_precision must be one of no, bf16, fp16; got {mixed_precision!r}")
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[mixed_precision])
 
 
 def text_to_image_ranks(scores: Tensor, text_image: Tensor) -> Tensor:
     """(N,) 0-based rank of each text's image among all images; ``inf`` when it was not ranked.
 
-    ``scores`` is (N texts, M images). Ties are broken in the image's favour (strict >),
-    which only matters for exactly equal scores.
+    ``scores`` is (N texts, M images). Another image scoring exactly as high ranks before the true one.
     """
     truth = scores.gather(1, text_image[:, None])
-    ranks = (scores > truth).sum(1).float()
+    ranks = (scores >= truth).sum(1).float() - 1
     return ranks.masked_fill(truth.squeeze(1) == float("-inf"), float("inf"))
 
 
 def image_to_text_ranks(scores: Tensor, text_image: Tensor) -> Tensor:
     """(M,) 0-based rank of the best-ranked caption of each image among all texts; ``inf`` if none ranked.
 
-    ``scores`` is (M images, N texts); image m's captions are the texts with ``text_image == m``.
+    ``scores`` is (M images, N texts); image m's captions are the texts with ``text_image == m``. Another
+    image's caption scoring exactly as high as the best of m's ranks before it.
     """
     positives = text_image[None, :] == torch.arange(scores.shape[0], device=scores.device)[:, None]
     best = scores.masked_fill(~positives, float("-inf")).max(1).values
-    ranks = ((scores > best[:, None]) & ~positives).sum(1).float()
+    ranks = ((scores >= best[:, None]) & ~positives).sum(1).float()
     return ranks.masked_fill(best == float("-inf"), float("inf"))
 
 
@@ -137,16 +153,18 @@ def encode_gallery(model: SohoForPretraining, pixel_values: Sequence[Tuple[Tenso
 
 @torch.no_grad()
 def itm_scores(model: SohoForPretraining, gallery: EncodedGallery, text_rows: Tensor, image_rows: Tensor,
-               batch_size: int = 256) -> Tensor:
+               batch_size: int = 256, mixed_precision: MixedPrecision = "no") -> Tensor:
     """Match scores of the pairs (text_rows[i], image_rows[i]): the ITM logit margin (matched minus
     mismatched) or, for contrastive ITM, the score head's output (:meth:`SohoForPretraining.match_scores`)."""
     scores = []
     for start in range(0, len(text_rows), batch_size):
         t = text_rows[start:start + batch_size]
         i = image_rows[start:start + batch_size]
-        out = model.soho.encoder(gallery.text_embeddings[t], gallery.text_mask[t],
-                                 gallery.image_tokens[i], gallery.image_mask[i])
-        scores.append(model.match_scores(model.soho.pooler(out.text_states[:, 0])))
+        with autocast(gallery.image_tokens.device, mixed_precision):
+            out = model.soho.encoder(gallery.text_embeddings[t], gallery.text_mask[t],
+                                     gallery.image_tokens[i], gallery.image_mask[i])
+        # The head in float32: bf16 scores would tie often, and ties rank in the query's favour.
+        scores.append(model.match_scores(model.soho.pooler(out.text_states[:, 0].float())))
     if not scores:
         return gallery.text_embeddings.new_zeros(0)
     return torch.cat(scores)
@@ -181,7 +199,8 @@ class RetrievalResult:
 
 @torch.no_grad()
 def retrieve(model: SohoForPretraining, gallery: EncodedGallery, protocol: Protocol, k: int = 16,
-             itc_weight: float = 0.0, batch_size: int = 256, ks: Sequence[int] = (1, 5, 10)) -> RetrievalResult:
+             itc_weight: float = 0.0, batch_size: int = 256, ks: Sequence[int] = (1, 5, 10),
+             mixed_precision: MixedPrecision = "no") -> RetrievalResult:
     """Score the gallery with one protocol and compute recall.
 
     ``k`` is the shortlist size of ``itc_itm`` (and the depth of the ``itc`` ranking,
@@ -197,7 +216,7 @@ def retrieve(model: SohoForPretraining, gallery: EncodedGallery, protocol: Proto
     if protocol == "itm_all":
         texts = torch.arange(num_texts, device=device).repeat_interleave(num_images)
         images = torch.arange(num_images, device=device).repeat(num_texts)
-        t2i = itm_scores(model, gallery, texts, images, batch_size).view(num_texts, num_images)
+        t2i = itm_scores(model, gallery, texts, images, batch_size, mixed_precision).view(num_texts, num_images)
         i2t = t2i.t()
         cost["fusion_passes"] = num_texts * num_images
     else:
@@ -210,11 +229,11 @@ def retrieve(model: SohoForPretraining, gallery: EncodedGallery, protocol: Proto
             cost["fusion_passes"] = 0
         else:
             texts = torch.arange(num_texts, device=device).repeat_interleave(t2i_idx.shape[1])
-            t2i_sim = itm_scores(model, gallery, texts, t2i_idx.flatten(), batch_size).view_as(t2i_sim) \
-                + itc_weight * t2i_sim
+            t2i_itm = itm_scores(model, gallery, texts, t2i_idx.flatten(), batch_size, mixed_precision)
+            t2i_sim = t2i_itm.view_as(t2i_sim) + itc_weight * t2i_sim
             images = torch.arange(num_images, device=device).repeat_interleave(i2t_idx.shape[1])
-            i2t_sim = itm_scores(model, gallery, i2t_idx.flatten(), images, batch_size).view_as(i2t_sim) \
-                + itc_weight * i2t_sim
+            i2t_itm = itm_scores(model, gallery, i2t_idx.flatten(), images, batch_size, mixed_precision)
+            i2t_sim = i2t_itm.view_as(i2t_sim) + itc_weight * i2t_sim
             cost["fusion_passes"] = t2i_idx.numel() + i2t_idx.numel()
         t2i = _scatter(num_texts, num_images, t2i_idx, t2i_sim)
         i2t = _scatter(num_images, num_texts, i2t_idx, i2t_sim)

@@ -124,8 +124,9 @@ def evaluate_classification(model, task: str, shards: Union[str, List[str]], pro
 def evaluate_retrieval(model, shards: Union[str, List[str]], processor: SohoProcessor,
                        protocols: Sequence[str] = ("itc", "itc_itm"), k: int = 16, itc_weight: float = 0.0,
                        batch_size: int = 64, fusion_batch_size: int = 512,
-                       max_images: Optional[int] = None) -> SplitEvaluation:
-    """Image-text retrieval on a split with each protocol: metrics ``<protocol>/<metric>``, costs per protocol."""
+                       max_images: Optional[int] = None, mixed_precision: str = "no") -> SplitEvaluation:
+    """Image-text retrieval on a split with each protocol: metrics ``<protocol>/<metric>``, costs per protocol
+    (``mixed_precision``: see :mod:`soho.eval.retrieval`)."""
     was_training = model.training
     model.eval()
     split = read_retrieval_split(shards, processor, batch_size, max_images)
@@ -133,10 +134,12 @@ def evaluate_retrieval(model, shards: Union[str, List[str]], processor: SohoProc
     captions_per_image = torch.bincount(split.text_image, minlength=len(split.image_ids)).tolist()
     metrics = {f"chance/{name}": value
                for name, value in chance_recall(len(split.image_ids), captions_per_image).items()}
-    costs: Dict[str, Any] = {"images": len(split.image_ids), "texts": len(split.captions)}
+    costs: Dict[str, Any] = {"images": len(split.image_ids), "texts": len(split.captions),
+                             "mixed_precision": mixed_precision}
     predictions: List[Dict[str, Any]] = []
     for protocol in protocols:
-        result = retrieve(model, gallery, protocol, k=k, itc_weight=itc_weight, batch_size=fusion_batch_size)
+        result = retrieve(model, gallery, protocol, k=k, itc_weight=itc_weight, batch_size=fusion_batch_size,
+                          mixed_precision=mixed_precision)
         metrics.update({f"{protocol}/{name}": value for name, value in result.metrics.items()})
         costs[protocol] = result.cost
         top = result.text_to_image.topk(min(10, len(split.image_ids)), dim=1)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from soho.config import from_dict, to_dict
+from soho.models.attention import added_parameters
 from soho.models.config import SohoConfig
 from soho.models.encoder import bert_state_dict_to_soho, check_bert_config, read_bert_checkpoint
 
@@ -111,6 +112,13 @@ class SohoPreTrainedModel(nn.Module):
             raise ValueError(f"BERT checkpoint {path} lacks {len(missing)} encoder weights, e.g. {missing[:3]}")
         self.load_state_dict(loaded, strict=False)
         logger.info("initialised %d tensors from BERT checkpoint %s", len(loaded), path)
+
+    def parameter_counts(self) -> Dict[str, int]:
+        """Parameters in all, trainable ones, and those the attention score functions add to BERT's
+        (0 for ``scaled_dot``/``dot``): what makes score-function and fusion variants comparable in size."""
+        return {"total": sum(p.numel() for p in self.parameters()),
+                "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
+                "attention_score_added": added_parameters(self)}
 
     def save_pretrained(self, directory: str | Path, processor=None) -> None:
         """Write ``config.json`` and ``model.safetensors`` (dictionary buffers included)."""

@@ -174,7 +174,8 @@ def evaluate_split(config: FinetuneConfig, model, shards: str, processor: SohoPr
         retrieval = config.retrieval
         result = evaluate_retrieval(model, shards, processor, retrieval.protocols, retrieval.k,
                                     retrieval.itc_weight, config.train.eval_batch_size,
-                                    max_images=retrieval.max_eval_images)
+                                    max_images=retrieval.max_eval_images,
+                                    mixed_precision=config.train.mixed_precision)
     accelerator.wait_for_everyone()
     return result
 
@@ -199,6 +200,8 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     labels = {"nlvr2": list(NLVR2_LABELS), "ve": list(VE_LABELS), "retrieval": [],
               "vqa": vocabulary.answers if vocabulary is not None else []}[config.task]
     model = build_model(config, labels)
+    parameters = model.parameter_counts()
+    logger.info("model: %s", ", ".join(f"{k} {v:,}" for k, v in parameters.items()))
     optimizers, schedulers = build_optimizers(model, config.optim, train.max_steps)
     model, *prepared = accelerator.prepare(model, *optimizers, *schedulers)
     optimizers, schedulers = prepared[:len(optimizers)], prepared[len(optimizers):]
@@ -271,7 +274,8 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
         unwrapped.save_pretrained(output_dir / "model", processor=processor)
     results: Dict[str, Any] = {
         "task": config.task, "init": "scratch" if config.init.from_scratch else config.init.checkpoint,
-        "steps": step, "train_seconds": train_seconds, "splits": {}, "config": to_dict(config)}
+        "steps": step, "train_seconds": train_seconds, "parameters": parameters, "splits": {},
+        "config": to_dict(config)}
     for name, shards in config.data.eval_shards.items():
         eval_start = time.perf_counter()
         result = evaluate_split(config, unwrapped, shards, processor, accelerator, vocabulary)

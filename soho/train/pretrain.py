@@ -305,6 +305,8 @@ def pretrain(config: PretrainConfig) -> Dict[str, float]:
                           f"{config.model.encoder.vocab_size}")
     processor = SohoProcessor(tokenizer, config.data.image, config.data.max_text_length)
     model = SohoForPretraining(config.model)
+    parameters = model.parameter_counts()
+    logger.info("model: %s", ", ".join(f"{k} {v:,}" for k, v in parameters.items()))
     optimizers, schedulers = build_optimizers(model, config.optim, train.max_steps)
     if train.compile:
         model = torch.compile(model)
@@ -348,7 +350,8 @@ def pretrain(config: PretrainConfig) -> Dict[str, float]:
             break
     progress.close()
 
-    final = {"step": loop.step, "final": True, "wall_seconds": time.perf_counter() - loop.started}
+    final = {"step": loop.step, "final": True, "wall_seconds": time.perf_counter() - loop.started,
+             "parameters": parameters}
     if train.eval_shards:
         final["eval"] = evaluate(model, config, tokenizer, accelerator)
     writer.write(final)
