@@ -3,9 +3,9 @@ import json
 
 import pytest
 import torch
+from conftest import VOCAB, tiny_batch, tiny_config
 from transformers import BertConfig, BertForPreTraining
 
-from conftest import VOCAB, tiny_batch, tiny_config
 from soho.models import SohoForPretraining, SohoModel
 
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_config
 
-from soho.analysis.capture import Capture
+from soho.analysis.capture import Capture, capture
 from soho.analysis.probes import (
     CONDITIONS,
     CROSS_MODAL_PROBES,
+    GROUNDING_SOURCES,
     PROBES,
     Grounding,
     Mention,
@@ -20,6 +21,7 @@ from soho.analysis.probes import (
     covered_cells,
     evaluate_probe,
     fit_linear_probe,
+    flickr30k_entities_grounding,
     length_bucket,
     pair_features,
     read_probe_batches,
@@ -261,3 +263,112 @@ def test_cli_runs_every_probe_with_its_baselines(tiny_checkpoint, capsys):
 def test_collector_rejects_unknown_probes():
     with pytest.raises(ValueError, match="unknown probe"):
         ProbeCollector(["coreference", "sentiment"])
+
+
+# ----------------------------------------------------------------------------- real-data ground truth
+
+F30K_RECORD = {
+    "image_id": "1", "captions": ["Two men in green shirts stand .", "A man sits ."],
+    "phrases": [{"caption": 0, "first_word": 0, "text": "Two men", "entity_id": "1", "types": ["people"]},
+                {"caption": 0, "first_word": 3, "text": "green shirts", "entity_id": "2", "types": ["clothing"]},
+                {"caption": 1, "first_word": 0, "text": "A man", "entity_id": "3", "types": ["people"]}],
+    "entities": {"1": {"boxes": [{"box": [0, 0, 10, 20]}, {"box": [20, 0, 30, 20]}], "scene": False, "no_box": False},
+                 "2": {"boxes": [], "scene": False, "no_box": True},
+                 "3": {"boxes": [{"box": [5, 5, 15, 15]}], "scene": False, "no_box": False}},
+}
+VG_RECORD = {"image_id": 7, "relations": [
+    {"predicate": "on", "subject": {"name": "car", "box": [2, 3, 22, 13], "object_id": 1},
+     "object": {"name": "road", "box": [0, 20, 48, 32], "object_id": 2}, "relationship_id": 10},
+    {"predicate": "next to", "subject": {"name": "tree", "box": [30, 0, 40, 20], "object_id": 3},
+     "object": {"name": "car", "box": [2, 3, 22, 13], "object_id": 1}, "relationship_id": 11}]}
+
+
+def test_flickr30k_entities_grounding_points_phrases_at_their_entity_boxes():
+    grounding = GROUNDING_SOURCES["flickr30k_entities"].ground(F30K_RECORD, "Two men in green shirts stand .")
+    # "green shirts" has no box: nothing to point at.
+    assert [(m.span, m.boxes) for m in grounding.mentions] == [((0, 7), [(0, 0, 10, 20), (20, 0, 30, 20)])]
+    assert grounding.relations == [] and grounding.objects is None and grounding.states_relation is None
+    second = flickr30k_entities_grounding(F30K_RECORD, "A man sits .")
+    assert [(second.caption[slice(*m.span)], m.boxes) for m in second.mentions] == [("A man", [(5, 5, 15, 15)])]
+    with pytest.raises(ValueError, match="has no caption"):
+        flickr30k_entities_grounding(F30K_RECORD, "Someone else .")
+    broken = {**F30K_RECORD, "phrases": [{**F30K_RECORD["phrases"][0], "first_word": 1}]}
+    with pytest.raises(ValueError, match="is not word 1"):
+        flickr30k_entities_grounding(broken, "Two men in green shirts stand .")
+    with pytest.raises(ValueError, match="convert_flickr30k_entities"):
+        flickr30k_entities_grounding({"image_id": "1", "captions": ["A man ."]}, "A man .")
+
+
+def test_visual_genome_grounding_relates_boxes_and_shows_only_the_names():
+    source = GROUNDING_SOURCES["visual_genome"]
+    assert source.captions(VG_RECORD) == ["car, road, tree"]
+    grounding = source.ground(VG_RECORD, "car, road, tree")
+    assert [(r.subject, r.object, r.predicate) for r in grounding.relations] == [
+        ((2, 3, 22, 13), (0, 20, 48, 32), "on"), ((30, 0, 40, 20), (2, 3, 22, 13), "next to")]
+    assert grounding.mentions == [] and grounding.objects is None
+    with pytest.raises(ValueError, match="relations"):
+        source.captions({"image_id": 8, "captions": ["a car"]})
+
+
+def convert_probe_data(tmp_path):
+    """Flickr30k Entities and Visual Genome fixtures in their published layouts, through the converters."""
+    from test_convert_flickr30k_entities import entities as entities_fixture
+    from test_convert_visual_genome import conversion_of, write_release
+
+    from soho.data.convert import convert
+    from soho.data.convert.flickr30k_entities import flickr30k_entities_conversion
+
+    convert(flickr30k_entities_conversion(*entities_fixture.__wrapped__(tmp_path)), tmp_path / "f30k")
+    convert(conversion_of(write_release(tmp_path / "visual_genome")), tmp_path / "vg")
+    return tmp_path / "f30k" / "entities_train", tmp_path / "vg" / "relations"
+
+
+def test_real_data_probes_read_the_converters_output(tiny_checkpoint, tmp_path):
+    entities_split, relations_split = convert_probe_data(tmp_path)
+    processor = SohoProcessor.from_pretrained(tiny_checkpoint / "model")
+    model = SohoForPretraining.from_pretrained(tiny_checkpoint / "model").eval()
+
+    batches, skipped = read_probe_batches(str(entities_split), processor, batch_size=2,
+                                          source=GROUNDING_SOURCES["flickr30k_entities"])
+    batch = batches[0]
+    assert skipped == {} and len(batch.groundings) == 10 and batch.images.tolist() == [0] * 5 + [1] * 5
+    real_height, real_width = (int(batch.inputs["pixel_mask"][0].any(axis).sum()) for axis in (1, 0))
+    first = batch.groundings[0]
+    assert first.caption.startswith("Two young guys")
+    # The converter's 48 x 32 boxes, scaled into the processed image.
+    assert first.mentions[0].boxes[0] == pytest.approx((4 * real_width / 48, 2 * real_height / 32,
+                                                        20 * real_width / 48, 30 * real_height / 32))
+    assert [first.caption[slice(*m.span)] for m in first.mentions] == ["Two young guys"]
+    collector = ProbeCollector(seed=0)
+    for probed in batches:
+        collector.update(capture(model, probed.inputs), probed)
+    results = collector.results(test_fraction=0.5, l2_values=[0.01])
+    assert {"coreference", "caption_length"} <= set(results)
+    assert "object_count" not in results and "states_relation" not in results and "relation" not in results
+
+    batches, skipped = read_probe_batches(str(relations_split), processor, batch_size=4,
+                                          source=GROUNDING_SOURCES["visual_genome"])
+    captions = [g.caption for b in batches for g in b.groundings]
+    assert skipped == {} and "car, road" in captions
+    predicates = {r.predicate for b in batches for g in b.groundings for r in g.relations}
+    assert {"on", "talking to", "over"} <= predicates
+    collector = ProbeCollector(["relation", "caption_length"], seed=0)
+    for probed in batches:
+        collector.update(capture(model, probed.inputs), probed)
+    results = collector.results(test_fraction=0.5, l2_values=[0.01])
+    assert set(results) == {"relation", "caption_length"}
+    assert set(results["relation"]["attention"].classes) <= predicates
+
+    spec = importlib.util.spec_from_file_location("soho_tool_analyze_vg", ROOT / "tools" / "analyze.py")
+    analyze = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(analyze)
+    out = tmp_path / "analysis"
+    assert analyze.main(["--checkpoint", str(tiny_checkpoint / "model"),
+                         "--shards", str(tiny_checkpoint / "data" / "retrieval_val"), "--out", str(out),
+                         "--batches", "1", "--batch-size", "4", "--device", "cpu", "--probes", "--probe-l2", "0.01",
+                         "--grounding", "visual_genome", "--probe-shards", str(relations_split),
+                         "--test-fraction", "0.5"]) == 0
+    written = json.loads((out / "results.json").read_text())
+    assert written["probe_data"] == {"shards": str(relations_split), "grounding": "visual_genome"}
+    assert set(written["probes"]["trained"]) == {"relation", "caption_length"}
+    assert set(written["probes"]["mismatched"]) == {"relation"}

@@ -6,8 +6,16 @@ import torch
 from PIL import Image
 
 from soho.config import ConfigError, from_dict, to_dict
-from soho.processing import (IMAGENET_MEAN, IMAGENET_STD, ImageTransform, ImageTransformConfig, ProcessorConfig,
-                             SohoProcessor, pad_images, resized_shape)
+from soho.processing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageTransform,
+    ImageTransformConfig,
+    ProcessorConfig,
+    SohoProcessor,
+    pad_images,
+    resized_shape,
+)
 from soho.tokenizer import train_wordpiece_tokenizer
 
 CORPUS = ["a small red circle to the left of a large blue square", "two green stars above a yellow cross",

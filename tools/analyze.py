@@ -9,9 +9,15 @@ Each image is paired with its first caption. Writes ``results.json`` and PNG fig
 per head, and the image patches of the most used visual dictionary entries) and prints a table.
 See soho/analysis/value.py for the definitions.
 
---probes trains linear probes on the split's scene graphs (soho/analysis/probes.py), on the checkpoint, on a
-randomly initialised model of the same config and, for the cross-modal probes, with each image shown with
-another image's caption; it pairs each image with its first --captions-per-image captions.
+--probes trains linear probes (soho/analysis/probes.py) on the checkpoint, on a randomly initialised model of
+the same config and, for the cross-modal probes, with each image shown with another image's caption; it pairs
+each image with its first --captions-per-image captions. The ground truth is the synthetic scene graphs of
+--shards by default; on real data:
+
+    python tools/analyze.py --checkpoint CKPT --shards data/coco/retrieval_val --out runs/analysis_f30k \
+        --probes --grounding flickr30k_entities --probe-shards data/flickr30k_entities/entities_val
+    python tools/analyze.py --checkpoint CKPT --shards data/coco/retrieval_val --out runs/analysis_vg \
+        --probes --grounding visual_genome --probe-shards data/vg/relations
 """
 from __future__ import annotations
 
@@ -28,7 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soho.analysis import figures  # noqa: E402
 from soho.analysis.capture import Capture, capture, image_caption_batches  # noqa: E402
-from soho.analysis.probes import CONDITIONS, L2_VALUES, ProbeResult, read_probe_batches, run_probes  # noqa: E402
+from soho.analysis.probes import (  # noqa: E402
+    CONDITIONS,
+    GROUNDING_SOURCES,
+    L2_VALUES,
+    ProbeResult,
+    read_probe_batches,
+    run_probes,
+)
 from soho.analysis.value import ValueReport, ValueStatistics, attention_over_grid, modality_mass  # noqa: E402
 from soho.models.soho import SohoModel  # noqa: E402
 from soho.processing import SohoProcessor  # noqa: E402
@@ -136,8 +149,13 @@ def main(argv=None) -> int:
     parser.add_argument("--layer", type=int, default=-1, help="layer of the attention-over-grid figure")
     parser.add_argument("--entries", type=int, default=3, help="most used dictionary entries to show")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--probes", action="store_true",
-                        help="also train the probing classifiers (needs records with scene graphs)")
+    parser.add_argument("--probes", action="store_true", help="also train the probing classifiers")
+    parser.add_argument("--grounding", choices=sorted(GROUNDING_SOURCES), default="synthetic",
+                        help="where the probes' ground truth comes from: synthetic scene graphs (every probe), "
+                             "flickr30k_entities (coreference), visual_genome (relation); see soho/analysis/probes.py")
+    parser.add_argument("--probe-shards", default=None,
+                        help="the split the probes read (default: --shards), e.g. data/flickr30k_entities/"
+                             "entities_val or data/vg/relations")
     parser.add_argument("--captions-per-image", type=int, default=5, help="captions of each image the probes use")
     parser.add_argument("--test-fraction", type=float, default=0.3, help="share of the images the probes hold out")
     parser.add_argument("--probe-l2", type=float, nargs="+", default=list(L2_VALUES),
@@ -181,8 +199,11 @@ def main(argv=None) -> int:
     }
     probes = None
     if args.probes:
-        probe_batches, results["probe_skipped"] = read_probe_batches(args.shards, processor, args.batch_size,
-                                                                     args.batches, args.captions_per_image)
+        probe_shards = args.probe_shards or args.shards
+        probe_batches, results["probe_skipped"] = read_probe_batches(
+            probe_shards, processor, args.batch_size, args.batches, args.captions_per_image,
+            GROUNDING_SOURCES[args.grounding])
+        results["probe_data"] = {"shards": probe_shards, "grounding": args.grounding}
         probes = run_probes(model, probe_batches, args.test_fraction, args.probe_l2, args.seed)
         results["probes"] = {condition: {probe: {features: result.to_dict() for features, result in found.items()}
                                          for probe, found in by_probe.items()}

@@ -16,9 +16,11 @@ first token to the second, then from the second to the first (2 x layers x heads
 holds the two tokens' states [a, b, a * b] in layer k (embeddings = layer 0). A phrase of several
 tokens is their mean, in attention and in states.
 
-The ground truth is a :class:`Grounding` per image-caption pair; :func:`synthetic_grounding` reads
-it off the synthetic world's scene graphs. An adapter for Flickr30k Entities (phrase spans and
-their boxes) or Visual Genome (region pairs and predicates) only has to build the same records.
+The ground truth is a :class:`Grounding` per image-caption pair, read by a :class:`GroundingSource`
+(:data:`GROUNDING_SOURCES`): ``synthetic`` from the synthetic world's scene graphs (every probe),
+``flickr30k_entities`` from the Flickr30k Entities converter's phrases and boxes (coreference and
+caption length), ``visual_genome`` from the Visual Genome converter's ``relations`` split (relation
+and caption length; the caption shown is the names of the related objects, never a predicate).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from soho.analysis.capture import Capture, capture
-from soho.data.pretraining import SampleError, decode_captioned_image
+from soho.data.pretraining import SampleError, decode_image, decode_json, record_captions
 from soho.data.shards import SkipCounter, expand_urls, stream_samples
 from soho.data.synthetic import RELATION_WORDS, SHAPE_WORDS, _plural, box_centre
 from soho.models.soho import SohoModel
@@ -74,8 +76,10 @@ class Grounding:
     mentions: List[Mention]
     relations: List[RegionRelation]
     """Relations between regions of the image (the caption need not state them)."""
-    objects: int
-    states_relation: bool
+    objects: Optional[int] = None
+    """Objects in the image, where the data says (the synthetic scene graphs)."""
+    states_relation: Optional[bool] = None
+    """Whether the caption states a relation, where the data says (the synthetic grammar)."""
 
     def scaled(self, x: float, y: float) -> Grounding:
         """The same grounding with every box scaled, e.g. into the processed image's pixels."""
@@ -132,6 +136,81 @@ def synthetic_grounding(record: Dict, caption: str) -> Grounding:
                      objects=len(scene["objects"]), states_relation=bool(_RELATION_PATTERN.search(caption)))
 
 
+def _record_name(record: Dict) -> str:
+    return repr(record.get("image_id", "?"))
+
+
+def _word_spans(caption: str) -> List[Tuple[int, int]]:
+    """[start, end) characters of each word of ``caption.split()``."""
+    return [match.span() for match in re.finditer(r"\S+", caption)]
+
+
+def flickr30k_entities_grounding(record: Dict, caption: str) -> Grounding:
+    """The ground truth of a Flickr30k Entities record (data_scripts/convert_flickr30k_entities.py): each
+    phrase of ``caption`` whose entity has boxes refers to those boxes. Scene and unboxed entities have
+    nothing to point at and are left out."""
+    captions, phrases, entities = record.get("captions"), record.get("phrases"), record.get("entities")
+    if not isinstance(captions, list) or not isinstance(phrases, list) or not isinstance(entities, dict):
+        raise ValueError(f"record {_record_name(record)} lacks captions, phrases or entities: the "
+                         "flickr30k_entities probes need data_scripts/convert_flickr30k_entities.py's records")
+    if caption not in captions:
+        raise ValueError(f"record {_record_name(record)} has no caption {caption!r}")
+    index, words = captions.index(caption), _word_spans(caption)
+    mentions = []
+    for phrase in phrases:
+        if phrase.get("caption") != index:
+            continue
+        boxes = [tuple(entry["box"]) for entry in entities.get(str(phrase.get("entity_id")), {}).get("boxes", [])]
+        if not boxes:
+            continue
+        first, count = phrase["first_word"], len(phrase["text"].split())
+        if first + count > len(words) or caption[words[first][0]:words[first + count - 1][1]] != phrase["text"]:
+            raise ValueError(f"record {_record_name(record)}: phrase {phrase['text']!r} is not word {first} of "
+                             f"caption {index} {caption!r}")
+        mentions.append(Mention((words[first][0], words[first + count - 1][1]), boxes))
+    return Grounding(caption=caption, mentions=sorted(mentions, key=lambda m: m.span), relations=[])
+
+
+def _visual_genome_relations(record: Dict) -> List[Dict]:
+    relations = record.get("relations")
+    if not isinstance(relations, list):
+        raise ValueError(f"record {_record_name(record)} has no relations: the visual_genome probes need the "
+                         "'relations' split of data_scripts/convert_visual_genome.py --relationships")
+    return relations
+
+
+def visual_genome_captions(record: Dict) -> List[str]:
+    """One caption naming the related objects in order of first appearance ("man, horse, hat"): the model
+    sees what the regions are, never how they relate."""
+    names = dict.fromkeys(end["name"] for relation in _visual_genome_relations(record)
+                          for end in (relation["subject"], relation["object"]))
+    return [", ".join(names)]
+
+
+def visual_genome_grounding(record: Dict, caption: str) -> Grounding:
+    """The ground truth of a Visual Genome ``relations`` record: every subject-predicate-object triple,
+    the predicate as the converter lower-cased it."""
+    relations = [RegionRelation(tuple(relation["subject"]["box"]), tuple(relation["object"]["box"]),
+                                relation["predicate"]) for relation in _visual_genome_relations(record)]
+    return Grounding(caption=caption, mentions=[], relations=relations)
+
+
+@dataclass(frozen=True)
+class GroundingSource:
+    """How a split's records become probe examples: the captions each image is shown with, and the
+    ground truth of each (record, caption)."""
+
+    captions: Callable[[Dict], List[str]]
+    ground: Callable[[Dict, str], Grounding]
+
+
+GROUNDING_SOURCES: Dict[str, GroundingSource] = {
+    "synthetic": GroundingSource(record_captions, synthetic_grounding),
+    "flickr30k_entities": GroundingSource(record_captions, flickr30k_entities_grounding),
+    "visual_genome": GroundingSource(visual_genome_captions, visual_genome_grounding),
+}
+
+
 # ----------------------------------------------------------------------------- batches
 
 @dataclass
@@ -184,10 +263,10 @@ def make_probe_batch(images: Sequence[Image.Image], captions: Sequence[Sequence[
 
 def read_probe_batches(shards: Union[str, List[str]], processor: SohoProcessor, batch_size: int,
                        max_batches: Optional[int] = None, captions_per_image: int = 5,
-                       ground: Callable[[Dict, str], Grounding] = synthetic_grounding,
+                       source: GroundingSource = GROUNDING_SOURCES["synthetic"],
                        ) -> Tuple[List[ProbeBatch], Dict[str, int]]:
-    """The images of an image-caption split in order, each with its first ``captions_per_image`` captions
-    grounded by ``ground(record, caption)``, ``batch_size`` images a batch; and the skipped samples' counts."""
+    """The images of a split in order, each with its first ``captions_per_image`` captions (``source.captions``)
+    grounded by ``source.ground``, ``batch_size`` images a batch; and the skipped samples' counts."""
     skips = SkipCounter()
     batches: List[ProbeBatch] = []
     pending: List[Tuple] = []
@@ -202,12 +281,13 @@ def read_probe_batches(shards: Union[str, List[str]], processor: SohoProcessor, 
         if max_batches is not None and len(batches) >= max_batches:
             break
         try:
-            record, texts, image = decode_captioned_image(sample)
+            record = decode_json(sample)
+            texts = source.captions(record)[:captions_per_image]
+            image = decode_image(sample)
         except SampleError as error:
             skips.skip(error.reason, f"{sample.get('__url__', '')}:{sample.get('__key__', '?')}", error)
             continue
-        texts = texts[:captions_per_image]
-        pending.append((image, texts, [ground(record, text) for text in texts], number))
+        pending.append((image, texts, [source.ground(record, text) for text in texts], number))
         number += 1
         if len(pending) == batch_size:
             flush()
@@ -513,16 +593,21 @@ class ProbeCollector:
                 obj = F.one_hot(found.object_cells + text_length, length).float()
                 self._examples["relation"].add(pair_features(captured, found.pairs, subject, obj), found.predicates,
                                                batch.images[found.pairs])
+        # A label the data does not give (None) leaves that caption out of that probe.
         linguistic = {
             "caption_length": [str(length_bucket(g.caption)) for g in batch.groundings],
-            "object_count": [str(g.objects) for g in batch.groundings],
-            "states_relation": [str(g.states_relation) for g in batch.groundings],
+            "object_count": [None if g.objects is None else str(g.objects) for g in batch.groundings],
+            "states_relation": [None if g.states_relation is None else str(g.states_relation)
+                                for g in batch.groundings],
         }
-        wanted = [name for name in linguistic if name in self.probes]
+        wanted = [name for name, labels in linguistic.items()
+                  if name in self.probes and any(label is not None for label in labels)]
         if wanted:
             states = {f"layer {k}": s for k, s in enumerate(text_representations(captured))}
             for name in wanted:
-                self._examples[name].add(states, linguistic[name], batch.images)
+                known = [n for n, label in enumerate(linguistic[name]) if label is not None]
+                self._examples[name].add({layer: s[known] for layer, s in states.items()},
+                                         [linguistic[name][n] for n in known], batch.images[known])
 
     def results(self, test_fraction: float = 0.3, l2_values: Sequence[float] = L2_VALUES
                 ) -> Dict[str, Dict[str, ProbeResult]]:

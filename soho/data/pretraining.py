@@ -84,13 +84,18 @@ def decode_json(sample: Sample) -> Dict[str, Any]:
     return record
 
 
-def decode_captioned_image(sample: Sample) -> Tuple[Dict[str, Any], List[str], Image.Image]:
-    """The JSON record, its non-empty ``captions`` and the decoded image of an image-caption sample."""
-    record = decode_json(sample)
+def record_captions(record: Dict[str, Any]) -> List[str]:
+    """A record's ``captions``: a non-empty list of non-empty strings, or a ``missing_captions`` skip."""
     texts = record.get("captions")
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
         raise SampleError("missing_captions", f"captions={texts!r}")
-    return record, texts, decode_image(sample)
+    return texts
+
+
+def decode_captioned_image(sample: Sample) -> Tuple[Dict[str, Any], List[str], Image.Image]:
+    """The JSON record, its non-empty ``captions`` and the decoded image of an image-caption sample."""
+    record = decode_json(sample)
+    return record, record_captions(record), decode_image(sample)
 
 
 def stable_id(text: str) -> int:

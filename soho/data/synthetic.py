@@ -855,8 +855,8 @@ def _nlvr2_sides(left, right, rng, target: bool, form: str) -> Optional[Statemen
     facts = [_side_fact(scene, rng, side != wrong) for side, scene in zip(SIDES, (left, right))]
     if None in facts:
         return None
-    (l, lbe, lc), (r, rbe, rc) = facts
-    text = _choice(rng, SIDES_TEMPLATES).format(l=l, r=r, lbe=lbe, rbe=rbe)
+    (left_text, lbe, lc), (right_text, rbe, rc) = facts
+    text = _choice(rng, SIDES_TEMPLATES).format(l=left_text, r=right_text, lbe=lbe, rbe=rbe)
     return text, ("and", ("side", "left", lc), ("side", "right", rc))
 
 

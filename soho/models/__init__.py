@@ -1,5 +1,14 @@
-from soho.models.config import (AttentionConfig, BackboneConfig, EncoderConfig, ITCConfig, ITMConfig, LossWeights,
-                                MVMConfig, SohoConfig, VisualDictionaryConfig)
+from soho.models.config import (
+                                AttentionConfig,
+                                BackboneConfig,
+                                EncoderConfig,
+                                ITCConfig,
+                                ITMConfig,
+                                LossWeights,
+                                MVMConfig,
+                                SohoConfig,
+                                VisualDictionaryConfig,
+)
 from soho.models.pretrained import SohoPreTrainedModel, read_config
 from soho.models.soho import PretrainingOutput, SohoForPretraining, SohoModel, SohoOutput, VisualGrid
 from soho.models.tasks import TASK_MODELS, ClassificationOutput, SohoForNLVR2, SohoForVisualEntailment, SohoForVQA
