@@ -249,6 +249,25 @@ def test_two_process_evaluation_equals_one_process(world, tmp_path):
     assert outputs[2]["metrics"] == pytest.approx(outputs[1]["metrics"])
 
 
+def test_two_process_retrieval_shares_the_fusion_passes_and_equals_one_process(world, tmp_path):
+    outputs = {}
+    for processes in (1, 2):
+        output = tmp_path / f"eval{processes}"
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(ROOT / "configs" / "accelerate" / "cpu.yaml"), "--num_processes", str(processes),
+                   str(ROOT / "tools" / "evaluate.py"), "retrieval", "--checkpoint", str(world / "pretrained"),
+                   "--shards", str(world / "data" / "retrieval_val"), "--protocols", "itm_all", "itc", "itc_itm",
+                   "--k", "3", "--fusion-batch-size", "7", "--output", str(output)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[processes] = json.loads((output / "results.json").read_text())
+        assert outputs[processes]["cost"]["processes"] == processes
+        # 6 images x 5 captions: 30 texts, each with its 3 most likely images, in both directions.
+        assert outputs[processes]["cost"]["itc_itm"]["fusion_passes"] == 30 * 3 + 6 * 3
+        assert len((output / "predictions.jsonl").read_text().splitlines()) == 3 * 30
+    assert outputs[2]["metrics"] == pytest.approx(outputs[1]["metrics"])
+
+
 
 def write_unlabelled_vqa_shard(world, path):
     """The tiny world's vqa_val questions as the VQA v2 converter writes test-dev: integer ids, ``"answers": []``."""

@@ -61,11 +61,9 @@ def evaluate(args) -> dict:
     start = time.perf_counter()
     if args.task == "retrieval":
         model = SohoForPretraining.from_pretrained(args.checkpoint).to(accelerator.device).eval()
-        result = None
-        if accelerator.is_main_process:
-            result = evaluate_retrieval(model, args.shards, processor, args.protocols, args.k, args.itc_weight,
-                                        args.batch_size, args.fusion_batch_size, args.max_images,
-                                        args.mixed_precision)
+        result = evaluate_retrieval(model, args.shards, processor, args.protocols, args.k, args.itc_weight,
+                                    args.batch_size, args.fusion_batch_size, args.max_images,
+                                    args.mixed_precision, accelerator)
     else:
         model = TASK_MODELS[args.task].from_pretrained(args.checkpoint).to(accelerator.device).eval()
         vocabulary = AnswerVocabulary(model.config.labels) if args.task == "vqa" else None

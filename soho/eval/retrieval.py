@@ -23,6 +23,7 @@ from typing import Dict, List, Literal, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import broadcast
 from torch import Tensor
 
 from soho.models.soho import SohoForPretraining
@@ -153,9 +154,25 @@ def encode_gallery(model: SohoForPretraining, pixel_values: Sequence[Tuple[Tenso
 
 @torch.no_grad()
 def itm_scores(model: SohoForPretraining, gallery: EncodedGallery, text_rows: Tensor, image_rows: Tensor,
-               batch_size: int = 256, mixed_precision: MixedPrecision = "no") -> Tensor:
+               batch_size: int = 256, mixed_precision: MixedPrecision = "no", accelerator=None) -> Tensor:
     """Match scores of the pairs (text_rows[i], image_rows[i]): the ITM logit margin (matched minus
-    mismatched) or, for contrastive ITM, the score head's output (:meth:`SohoForPretraining.match_scores`)."""
+    mismatched) or, for contrastive ITM, the score head's output (:meth:`SohoForPretraining.match_scores`).
+
+    With an ``accelerator`` of several processes, each scores a contiguous share of the pairs and every
+    process returns all the scores.
+    """
+    world_size = accelerator.num_processes if accelerator is not None else 1
+    if world_size == 1:
+        return _pair_scores(model, gallery, text_rows, image_rows, batch_size, mixed_precision)
+    share = -(-len(text_rows) // world_size)
+    own = slice(accelerator.process_index * share, (accelerator.process_index + 1) * share)
+    scores = _pair_scores(model, gallery, text_rows[own], image_rows[own], batch_size, mixed_precision)
+    # Equal lengths for the gather; the shares arrive in rank order, so trimming the tail undoes the padding.
+    return accelerator.gather(F.pad(scores, (0, share - len(scores))))[:len(text_rows)]
+
+
+def _pair_scores(model: SohoForPretraining, gallery: EncodedGallery, text_rows: Tensor, image_rows: Tensor,
+                 batch_size: int, mixed_precision: MixedPrecision) -> Tensor:
     scores = []
     for start in range(0, len(text_rows), batch_size):
         t = text_rows[start:start + batch_size]
@@ -163,7 +180,7 @@ def itm_scores(model: SohoForPretraining, gallery: EncodedGallery, text_rows: Te
         with autocast(gallery.image_tokens.device, mixed_precision):
             out = model.soho.encoder(gallery.text_embeddings[t], gallery.text_mask[t],
                                      gallery.image_tokens[i], gallery.image_mask[i])
-        # The head in float32: bf16 scores would tie often, and ties rank in the query's favour.
+        # The head in float32: scores rounded to bf16 would tie often.
         scores.append(model.match_scores(model.soho.pooler(out.text_states[:, 0].float())))
     if not scores:
         return gallery.text_embeddings.new_zeros(0)
@@ -200,12 +217,14 @@ class RetrievalResult:
 @torch.no_grad()
 def retrieve(model: SohoForPretraining, gallery: EncodedGallery, protocol: Protocol, k: int = 16,
              itc_weight: float = 0.0, batch_size: int = 256, ks: Sequence[int] = (1, 5, 10),
-             mixed_precision: MixedPrecision = "no") -> RetrievalResult:
+             mixed_precision: MixedPrecision = "no", accelerator=None) -> RetrievalResult:
     """Score the gallery with one protocol and compute recall.
 
     ``k`` is the shortlist size of ``itc_itm`` (and the depth of the ``itc`` ranking,
     which is at least max(ks)). ``itc_weight`` adds that multiple of the ITC cosine to
-    the ITM margin in ``itc_itm``.
+    the ITM margin in ``itc_itm``. With an ``accelerator`` of several processes, every process
+    holds the same gallery, the fusion passes are shared out (:func:`itm_scores`) and every
+    process returns the whole result.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown retrieval protocol {protocol!r}; choose from {PROTOCOLS}")
@@ -216,7 +235,8 @@ def retrieve(model: SohoForPretraining, gallery: EncodedGallery, protocol: Proto
     if protocol == "itm_all":
         texts = torch.arange(num_texts, device=device).repeat_interleave(num_images)
         images = torch.arange(num_images, device=device).repeat(num_texts)
-        t2i = itm_scores(model, gallery, texts, images, batch_size, mixed_precision).view(num_texts, num_images)
+        t2i = itm_scores(model, gallery, texts, images, batch_size, mixed_precision,
+                         accelerator).view(num_texts, num_images)
         i2t = t2i.t()
         cost["fusion_passes"] = num_texts * num_images
     else:
@@ -225,14 +245,17 @@ def retrieve(model: SohoForPretraining, gallery: EncodedGallery, protocol: Proto
         depth = max(k, max(ks)) if protocol == "itc" else k
         t2i_sim, t2i_idx = _faiss_top_k(gallery.text_embeds, gallery.image_embeds, depth)
         i2t_sim, i2t_idx = _faiss_top_k(gallery.image_embeds, gallery.text_embeds, depth)
+        if accelerator is not None and accelerator.num_processes > 1:
+            # Rounding may differ between processes; the shared-out re-ranking needs one shortlist.
+            t2i_sim, t2i_idx, i2t_sim, i2t_idx = broadcast([t2i_sim, t2i_idx, i2t_sim, i2t_idx], from_process=0)
         if protocol == "itc":
             cost["fusion_passes"] = 0
         else:
             texts = torch.arange(num_texts, device=device).repeat_interleave(t2i_idx.shape[1])
-            t2i_itm = itm_scores(model, gallery, texts, t2i_idx.flatten(), batch_size, mixed_precision)
+            t2i_itm = itm_scores(model, gallery, texts, t2i_idx.flatten(), batch_size, mixed_precision, accelerator)
             t2i_sim = t2i_itm.view_as(t2i_sim) + itc_weight * t2i_sim
             images = torch.arange(num_images, device=device).repeat_interleave(i2t_idx.shape[1])
-            i2t_itm = itm_scores(model, gallery, i2t_idx.flatten(), images, batch_size, mixed_precision)
+            i2t_itm = itm_scores(model, gallery, i2t_idx.flatten(), images, batch_size, mixed_precision, accelerator)
             i2t_sim = i2t_itm.view_as(i2t_sim) + itc_weight * i2t_sim
             cost["fusion_passes"] = t2i_idx.numel() + i2t_idx.numel()
         t2i = _scatter(num_texts, num_images, t2i_idx, t2i_sim)

@@ -124,9 +124,11 @@ def evaluate_classification(model, task: str, shards: Union[str, List[str]], pro
 def evaluate_retrieval(model, shards: Union[str, List[str]], processor: SohoProcessor,
                        protocols: Sequence[str] = ("itc", "itc_itm"), k: int = 16, itc_weight: float = 0.0,
                        batch_size: int = 64, fusion_batch_size: int = 512,
-                       max_images: Optional[int] = None, mixed_precision: str = "no") -> SplitEvaluation:
+                       max_images: Optional[int] = None, mixed_precision: str = "no",
+                       accelerator=None) -> SplitEvaluation:
     """Image-text retrieval on a split with each protocol: metrics ``<protocol>/<metric>``, costs per protocol
-    (``mixed_precision``: see :mod:`soho.eval.retrieval`)."""
+    (``mixed_precision``: see :mod:`soho.eval.retrieval`). With an ``accelerator``, every process reads and
+    encodes the gallery, the fusion passes are shared out, and every process returns the whole result."""
     was_training = model.training
     model.eval()
     split = read_retrieval_split(shards, processor, batch_size, max_images)
@@ -135,11 +137,12 @@ def evaluate_retrieval(model, shards: Union[str, List[str]], processor: SohoProc
     metrics = {f"chance/{name}": value
                for name, value in chance_recall(len(split.image_ids), captions_per_image).items()}
     costs: Dict[str, Any] = {"images": len(split.image_ids), "texts": len(split.captions),
-                             "mixed_precision": mixed_precision}
+                             "mixed_precision": mixed_precision,
+                             "processes": accelerator.num_processes if accelerator is not None else 1}
     predictions: List[Dict[str, Any]] = []
     for protocol in protocols:
         result = retrieve(model, gallery, protocol, k=k, itc_weight=itc_weight, batch_size=fusion_batch_size,
-                          mixed_precision=mixed_precision)
+                          mixed_precision=mixed_precision, accelerator=accelerator)
         metrics.update({f"{protocol}/{name}": value for name, value in result.metrics.items()})
         costs[protocol] = result.cost
         top = result.text_to_image.topk(min(10, len(split.image_ids)), dim=1)

@@ -164,20 +164,15 @@ def _step_values(config: FinetuneConfig, out, batch: Dict[str, Any]) -> Dict[str
 
 
 def evaluate_split(config: FinetuneConfig, model, shards: str, processor: SohoProcessor, accelerator: Accelerator,
-                   vocabulary: Optional[AnswerVocabulary]) -> Optional[SplitEvaluation]:
-    """Every process joins; the result is complete on the main process (and, for classification, on all)."""
+                   vocabulary: Optional[AnswerVocabulary]) -> SplitEvaluation:
+    """Every process joins, shares the work and returns the whole result."""
     if config.task != "retrieval":
         return evaluate_classification(model, config.task, shards, processor, config.train.eval_batch_size,
                                        accelerator, vocabulary)
-    result = None
-    if accelerator.is_main_process:
-        retrieval = config.retrieval
-        result = evaluate_retrieval(model, shards, processor, retrieval.protocols, retrieval.k,
-                                    retrieval.itc_weight, config.train.eval_batch_size,
-                                    max_images=retrieval.max_eval_images,
-                                    mixed_precision=config.train.mixed_precision)
-    accelerator.wait_for_everyone()
-    return result
+    retrieval = config.retrieval
+    return evaluate_retrieval(model, shards, processor, retrieval.protocols, retrieval.k, retrieval.itc_weight,
+                              config.train.eval_batch_size, max_images=retrieval.max_eval_images,
+                              mixed_precision=config.train.mixed_precision, accelerator=accelerator)
 
 
 def finetune(config: FinetuneConfig) -> Dict[str, Any]:
@@ -259,8 +254,7 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
         if train.eval_every and step % train.eval_every == 0:
             name, shards = next(iter(config.data.eval_shards.items()))
             result = evaluate_split(config, unwrapped, shards, processor, accelerator, vocabulary)
-            if result is not None:
-                log({"step": step, "eval": {name: result.metrics}})
+            log({"step": step, "eval": {name: result.metrics}})
         out_of_time = train.max_minutes is not None and time.perf_counter() - started > train.max_minutes * 60
         # Every process must agree to stop, or the others would wait in a collective.
         if accelerator.reduce(torch.tensor([float(out_of_time)], device=accelerator.device), reduction="sum") > 0:
@@ -279,8 +273,6 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     for name, shards in config.data.eval_shards.items():
         eval_start = time.perf_counter()
         result = evaluate_split(config, unwrapped, shards, processor, accelerator, vocabulary)
-        if result is None:
-            continue
         results["splits"][name] = {"metrics": result.metrics, "skipped": result.skipped,
                                    "cost": {**result.cost, "seconds": time.perf_counter() - eval_start}}
         if accelerator.is_main_process:
