@@ -19,6 +19,8 @@ class OptimizerConfig:
     betas: Tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6
     """AdamW only."""
+    fused: bool = False
+    """torch's fused implementation (one kernel per step for all parameters; CPU and CUDA)."""
 
     def __post_init__(self):
         if self.lr <= 0 or self.weight_decay < 0:

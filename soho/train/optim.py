@@ -21,8 +21,8 @@ def build_optimizer(params: List[Tuple[str, nn.Parameter]], config: OptimizerCon
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if config.name == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, fused=config.fused)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=config.fused)
 
 
 def lr_factor(step: int, config: OptimConfig, max_steps: int) -> float:
