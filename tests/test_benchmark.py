@@ -116,6 +116,10 @@ def test_retrieval_protocols_on_a_synthetic_split(setup):
     assert result["itc_itm_speedup_over_itm_all"] == pytest.approx(
         protocols["itm_all"]["seconds"] / protocols["itc_itm"]["seconds"])
     assert result["cached_speedup_over_naive"] > 0
+    assert result["cached_speedup_per_pair"] == pytest.approx(
+        protocols["itm_all_naive"]["ms_per_pair"] / protocols["itm_all"]["ms_per_pair"])
+    assert protocols["itm_all"]["ms_per_pair"] == pytest.approx(
+        1000 * protocols["itm_all"]["score_seconds"] / protocols["itm_all"]["fusion_passes"])
     assert set(result["itc_itm_r1_drop"]) == {"txt_r1", "img_r1"}
 
 
