@@ -289,9 +289,6 @@ def test_parameter_counts_per_fusion():
     (dict(modality_specific_layers=1), "encoder.modality_specific_layers"),
     (dict(fusion="asymmetric"), "encoder.asymmetric_queries"),
     (dict(asymmetric_queries="text"), "encoder.asymmetric_queries"),
-    (dict(fusion="co_attention", pretrained_path="bert-dir"), "encoder.pretrained_path"),
-    (dict(fusion="modality_specific", modality_specific_layers=1, pretrained_path="bert-dir"),
-     "encoder.pretrained_path"),
 ])
 def test_bad_fusion_settings_name_the_key(values, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

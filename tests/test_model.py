@@ -155,6 +155,27 @@ def test_initialisation_from_a_local_bert_checkpoint(tmp_path):
         SohoForPretraining(tiny_config(**{"encoder.pretrained_path": str(tmp_path / "bert"),
                                           "encoder.num_hidden_layers": 3}))
 
+    # Two-stream designs start every stream (and co-attention's cross-attentions) from BERT layer i, so a
+    # text-only pass is BERT's.
+    layer = dict(bert.bert.encoder.layer[1].named_parameters())
+    for fusion in ({"encoder.fusion": "co_attention"},
+                   {"encoder.fusion": "modality_specific", "encoder.modality_specific_layers": 1}):
+        two_stream = SohoForPretraining(tiny_config(**{"encoder.pretrained_path": str(tmp_path / "bert"),
+                                                       **fusion})).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(two_stream.soho(input_ids=ids).text_states, expected.hidden_states[-1],
+                                       atol=1e-5, rtol=1e-5)
+        first = two_stream.soho.encoder.layers[0]
+        assert torch.equal(first.image.intermediate.weight, bert.bert.encoder.layer[0].intermediate.dense.weight)
+        second = two_stream.soho.encoder.layers[1]
+        if fusion["encoder.fusion"] == "co_attention":
+            for cross in (second.text_cross, second.image_cross):
+                assert torch.equal(cross.attention.key.weight, layer["attention.self.key.weight"])
+                assert torch.equal(cross.attention_output.weight, layer["attention.output.dense.weight"])
+                assert torch.equal(cross.attention_norm.bias, layer["attention.output.LayerNorm.bias"])
+        else:  # the merged layer after the specific one
+            assert torch.equal(second.output.weight, layer["output.dense.weight"])
+
 
 def test_loss_decreases_when_overfitting_one_batch(config):
     torch.manual_seed(0)

@@ -115,8 +115,6 @@ class AttentionConfig:
 
 
 FUSIONS = ("merged", "co_attention", "modality_specific", "asymmetric")
-# Fusions whose layers have parameters BERT has no counterpart for (cross-attention, a second stream).
-TWO_STREAM_FUSIONS = ("co_attention", "modality_specific")
 
 
 @dataclass
@@ -179,10 +177,6 @@ class EncoderConfig:
         if self.fusion != "asymmetric" and self.asymmetric_queries is not None:
             raise ConfigError(f"encoder.asymmetric_queries={self.asymmetric_queries} is only used with "
                               f"encoder.fusion: asymmetric (fusion is {self.fusion})")
-        if self.pretrained_path and self.fusion in TWO_STREAM_FUSIONS:
-            raise ConfigError(f"encoder.pretrained_path: BERT weights map onto single-stream layers only "
-                              f"(encoder.fusion merged or asymmetric); fusion {self.fusion} has per-modality "
-                              "layers BERT has no weights for, so it trains from scratch (unset pretrained_path)")
 
     @property
     def head_dim(self) -> int:

@@ -7,6 +7,7 @@ the encoder, the pooler and the MLM head.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -351,6 +352,33 @@ def bert_state_dict_to_soho(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
                 name = name.replace(old, new, 1)
         converted[name] = tensor
     return converted
+
+
+_CROSS_ATTENTION_PARTS = ("attention.", "attention_output.", "attention_norm.")
+_LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
+
+
+def bert_weights_for_fusion(state_dict: Dict[str, Tensor], config: EncoderConfig) -> Dict[str, Tensor]:
+    """Place soho-named BERT weights (:func:`bert_state_dict_to_soho`) on the layers of ``config.fusion``.
+
+    Merged and asymmetric layers are BERT layers. A modality-specific layer gets BERT layer i in both
+    streams, and a co-attention layer also starts each cross-attention from layer i's self-attention,
+    so every design starts from the same language model and a text-only pass reproduces BERT.
+    """
+    specific = (config.num_hidden_layers if config.fusion == "co_attention"
+                else config.modality_specific_layers if config.fusion == "modality_specific" else 0)
+    placed = {}
+    for name, tensor in state_dict.items():
+        match = _LAYER_KEY.match(name)
+        if match is None or int(match[1]) >= specific:
+            placed[name] = tensor
+            continue
+        layer, rest = match[1], match[2]
+        copies = ["text", "image"]
+        if config.fusion == "co_attention" and rest.startswith(_CROSS_ATTENTION_PARTS):
+            copies += ["text_cross", "image_cross"]
+        placed.update({f"encoder.layers.{layer}.{copy}.{rest}": tensor for copy in copies})
+    return placed
 
 
 def read_bert_checkpoint(path: str | Path) -> Tuple[Dict, Dict[str, Tensor]]:

@@ -18,7 +18,12 @@ from torch import Tensor, nn
 from soho.config import from_dict, to_dict
 from soho.models.attention import added_parameters
 from soho.models.config import SohoConfig
-from soho.models.encoder import bert_state_dict_to_soho, check_bert_config, read_bert_checkpoint
+from soho.models.encoder import (
+    bert_state_dict_to_soho,
+    bert_weights_for_fusion,
+    check_bert_config,
+    read_bert_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +97,12 @@ class SohoPreTrainedModel(nn.Module):
         bert_config, bert_weights = read_bert_checkpoint(path)
         check_bert_config(self.config.encoder, bert_config)
         own = self.state_dict()
-        prefix = next((p for p in ("", "soho.") if f"{p}encoder.layers.0.attention.query.weight" in own), None)
+        prefix = next((p for p in ("", "soho.") if f"{p}text_embeddings.word_embeddings.weight" in own), None)
         if prefix is None:
             raise RuntimeError(f"{type(self).__name__} has no encoder to load BERT weights into")
         loaded: Dict[str, Tensor] = {}
-        for name, tensor in bert_state_dict_to_soho(bert_weights).items():
+        bert = bert_weights_for_fusion(bert_state_dict_to_soho(bert_weights), self.config.encoder)
+        for name, tensor in bert.items():
             target = name if name.startswith("mlm_head.") else prefix + name
             if target in own:
                 if own[target].shape != tensor.shape:
