@@ -56,3 +56,16 @@ def tiny_batch(num_images=4, captions_per_image=2, size=64, length=9, seed=0):
 @pytest.fixture
 def config():
     return tiny_config()
+
+
+@pytest.fixture
+def offline_trackers(tmp_path, monkeypatch):
+    """TensorBoard and an offline wandb writing under ``tmp_path / "wandb"``; skipped without the packages."""
+    pytest.importorskip("tensorboard")
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    yield tmp_path / "wandb"
+    # wandb keeps its settings (the directory included) in a process-wide singleton.
+    wandb.teardown()

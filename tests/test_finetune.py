@@ -385,3 +385,18 @@ def test_retrieval_evaluation_in_bf16_reports_its_precision_and_agrees_with_floa
     # 6 images: R@10 is 100 either way; bf16 may only reorder near-ties, so R@5 moves by at most one query.
     for metric, value in results["no"]["metrics"].items():
         assert results["bf16"]["metrics"][metric] == pytest.approx(value, abs=100 / 6 + 1e-6), metric
+
+
+def test_flat_scalars_name_nested_metrics_by_path():
+    from soho.train.finetune import flat_scalars
+
+    record = {"loss": 0.5, "eval": {"val": {"accuracy": 70.0, "chance_accuracy": 33.3}}, "final": True, "note": "x"}
+    assert flat_scalars(record) == {"loss": 0.5, "eval/val/accuracy": 70.0, "eval/val/chance_accuracy": 33.3}
+
+
+def test_finetune_trackers_write_tensorboard_and_offline_wandb(world, tmp_path, offline_trackers):
+    results = finetune(run_config(world, "ve", tmp_path / "tracked", **{"train.trackers": "[tensorboard, wandb]"}))
+    assert results["steps"] == 4
+    assert list((tmp_path / "tracked").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    offline_runs = list(offline_trackers.glob("offline-run-*"))
+    assert offline_runs and list(offline_runs[0].glob("*.wandb")), "no offline wandb run"

@@ -202,12 +202,7 @@ def test_two_process_accelerate_launch(world, tmp_path):
     assert (tmp_path / "ddp" / "checkpoints" / "step_3" / "data_state_rank1.json").is_file()
 
 
-def test_trackers_and_bf16_autocast_on_cpu(world, tmp_path, monkeypatch):
-    pytest.importorskip("tensorboard")
-    pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
+def test_trackers_and_bf16_autocast_on_cpu(world, tmp_path, offline_trackers):
     # Earlier runs in this process fixed Accelerate's process-wide precision to "no".
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state()
@@ -219,5 +214,5 @@ def test_trackers_and_bf16_autocast_on_cpu(world, tmp_path, monkeypatch):
         AcceleratorState._reset_state()
     assert math.isfinite(final["eval"]["mlm"]) and math.isfinite(final["eval"]["itm"])
     assert list((tmp_path / "tracked").rglob("events.out.tfevents.*")), "no TensorBoard event file"
-    offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    offline_runs = list(offline_trackers.glob("offline-run-*"))
     assert offline_runs and list(offline_runs[0].glob("*.wandb")), "no offline wandb run"

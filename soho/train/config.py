@@ -172,6 +172,8 @@ class FinetuneTrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     log_every: int = 20
     eval_every: int = 0
+    trackers: List[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    """Accelerate trackers that receive every logged record (wandb offline with ``WANDB_MODE=offline``)."""
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "eval_batch_size", "log_every"):

@@ -175,6 +175,17 @@ def evaluate_split(config: FinetuneConfig, model, shards: str, processor: SohoPr
                               mixed_precision=config.train.mixed_precision, accelerator=accelerator)
 
 
+def flat_scalars(record: Dict[str, Any], prefix: str = "") -> Dict[str, float]:
+    """Nested metrics as ``eval/<split>/<metric>`` scalars, what trackers plot; other values are left out."""
+    flat: Dict[str, float] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(flat_scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     """Fine-tune, evaluate every split, write the run's files; returns the results record."""
     train = config.train
@@ -184,6 +195,7 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     accelerator = Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
                               mixed_precision=train.mixed_precision,
                               gradient_accumulation_steps=config.optim.accumulation_steps,
+                              log_with=list(train.trackers) or None, project_dir=str(output_dir),
                               step_scheduler_with_optimizer=False)
     set_seed(train.seed, device_specific=True)
     if accelerator.is_main_process:
@@ -204,10 +216,16 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     batches = training_batches(config, processor, accelerator, vocabulary)
     inputs = RETRIEVAL_INPUTS if config.task == "retrieval" else MODEL_INPUTS + ("labels",)
 
+    if train.trackers:
+        accelerator.init_trackers(f"soho-finetune-{config.task}",
+                                  config={k: str(v) for k, v in to_dict(config).items()})
+
     def log(record: Dict[str, Any]) -> None:
         if accelerator.is_main_process:
             with (output_dir / "metrics.jsonl").open("a") as stream:
                 stream.write(json.dumps(record) + "\n")
+        if train.trackers:
+            accelerator.log(flat_scalars({k: v for k, v in record.items() if k != "step"}), step=record["step"])
 
     window: Dict[str, List[float]] = defaultdict(list)
     skipped, seen = Counter(), 0
