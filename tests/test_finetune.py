@@ -400,3 +400,25 @@ def test_finetune_trackers_write_tensorboard_and_offline_wandb(world, tmp_path, 
     assert list((tmp_path / "tracked").rglob("events.out.tfevents.*")), "no TensorBoard event file"
     offline_runs = list(offline_trackers.glob("offline-run-*"))
     assert offline_runs and list(offline_runs[0].glob("*.wandb")), "no offline wandb run"
+
+
+@pytest.mark.parametrize("task", ["ve", "retrieval"])
+def test_resume_reproduces_the_uninterrupted_fine_tuning(world, tmp_path, task):
+    settings = {"train.log_every": 1, "train.save_every": 1, "train.keep_last": 3}
+    if task == "retrieval":
+        settings["retrieval.protocols"] = "[itc]"
+    full = finetune(run_config(world, task, tmp_path / "full", **settings))
+    losses = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "full" / "metrics.jsonl").open())
+              if "loss" in r}
+    # keep_last 3: the checkpoints of steps 2 to 4 are left, each with the model exported.
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["step_2", "step_3", "step_4"]
+    assert (tmp_path / "full" / "checkpoints" / "step_2" / "model" / "model.safetensors").is_file()
+
+    resumed = finetune(run_config(world, task, tmp_path / "resumed",
+                                  **{**settings, "train.resume": str(tmp_path / "full" / "checkpoints" / "step_2")}))
+    again = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "resumed" / "metrics.jsonl").open())
+             if "loss" in r}
+    assert resumed["steps"] == 4 and sorted(again) == [3, 4]
+    for step in (3, 4):
+        assert again[step] == pytest.approx(losses[step], rel=1e-5), step
+    assert resumed["splits"]["val"]["metrics"] == pytest.approx(full["splits"]["val"]["metrics"])

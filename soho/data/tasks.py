@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -156,11 +156,16 @@ class TaskDataset(IterableDataset):
     ``labelled=False`` (VQA evaluation only) reads questions without answers, for splits whose answers
     are withheld (VQA v2 test-dev / test); their batches have no ``labels``. Training always needs
     labels, so there a record without answers stays a counted ``bad_record`` skip.
+
+    Every batch says which reader (``worker``) made it and how many shuffled samples that reader had
+    handed out (``position``); ``start_positions`` (worker -> position) skips those undecoded, so a
+    resumed run sees the batches an uninterrupted one would have.
     """
 
     def __init__(self, task: str, shards: Union[str, List[str]], tokenizer, image: ImageTransformConfig,
                  max_text_length: int, batch_size: int, train: bool, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle_buffer: int = 1000, answer_vocabulary=None, labelled: bool = True):
+                 world_size: int = 1, shuffle_buffer: int = 1000, answer_vocabulary=None, labelled: bool = True,
+                 start_positions: Optional[Dict[int, int]] = None):
         super().__init__()
         if task not in DECODERS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(DECODERS)}")
@@ -177,14 +182,21 @@ class TaskDataset(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.shuffle_buffer = shuffle_buffer if train else 0
+        self.start_positions = dict(start_positions or {})
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
-        samples, skips, _, _ = worker_stream(self.urls, self.seed, self.rank, self.world_size, self.train,
-                                             self.shuffle_buffer)
+        samples, skips, worker, _ = worker_stream(self.urls, self.seed, self.rank, self.world_size, self.train,
+                                                  self.shuffle_buffer)
+        position = 0
+        for _ in range(self.start_positions.get(worker, 0)):
+            if next(samples, None) is None:
+                return
+            position += 1
         images: List[torch.Tensor] = []
         examples: List[TaskExample] = []
         reported = SkipCounter()
         for sample in samples:
+            position += 1
             try:
                 example = self.decode(sample)
                 pixels = [self.transform(image) for image in example.images]
@@ -194,16 +206,16 @@ class TaskDataset(IterableDataset):
             images.extend(pixels)
             examples.append(example)
             if len(examples) == self.batch_size:
-                yield self._batch(images, examples, skips - reported)
+                yield self._batch(images, examples, skips - reported, worker, position)
                 reported = SkipCounter(skips)
                 images, examples = [], []
         if examples:
-            yield self._batch(images, examples, skips - reported)
+            yield self._batch(images, examples, skips - reported, worker, position)
         elif skips - reported:
-            yield {"skipped": dict(skips - reported), "samples": 0}
+            yield {"skipped": dict(skips - reported), "samples": 0, "worker": worker, "position": position}
 
-    def _batch(self, images, examples, skipped: SkipCounter) -> Dict[str, Any]:
+    def _batch(self, images, examples, skipped: SkipCounter, worker: int, position: int) -> Dict[str, Any]:
         batch = self.collate(images, examples)
-        batch.update(skipped=dict(skipped), samples=len(examples))
+        batch.update(skipped=dict(skipped), samples=len(examples), worker=worker, position=position)
         return batch
 

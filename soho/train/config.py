@@ -174,9 +174,17 @@ class FinetuneTrainConfig:
     eval_every: int = 0
     trackers: List[Literal["tensorboard", "wandb"]] = field(default_factory=list)
     """Accelerate trackers that receive every logged record (wandb offline with ``WANDB_MODE=offline``)."""
+    save_every: int = 0
+    """Checkpoint (full training state, resumable) every N steps, and when ``max_minutes`` stops the run;
+    0: only the final ``model/`` export."""
+    keep_last: int = 2
+    resume: Optional[str] = None
+    """``auto`` (latest checkpoint in output_dir, if any) or a checkpoint directory."""
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "eval_batch_size", "log_every"):
+        if self.save_every < 0:
+            raise ConfigError(f"train.save_every must be >= 0, got {self.save_every}")
+        for name in ("max_steps", "batch_size", "eval_batch_size", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_minutes is not None and self.max_minutes <= 0:

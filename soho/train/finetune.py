@@ -41,6 +41,7 @@ from soho.models.pretrained import read_config
 from soho.models.soho import SohoForPretraining
 from soho.models.tasks import TASK_MODELS
 from soho.processing import SohoProcessor
+from soho.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from soho.train.config import FinetuneConfig, FinetuneDataConfig
 from soho.train.optim import build_optimizers, optimizer_step
 
@@ -125,7 +126,8 @@ def build_model(config: FinetuneConfig, labels: List[str]):
 
 
 def training_batches(config: FinetuneConfig, processor: SohoProcessor, accelerator: Accelerator,
-                     vocabulary: Optional[AnswerVocabulary]):
+                     vocabulary: Optional[AnswerVocabulary], positions: Optional[Dict[int, int]] = None):
+    """The training stream of this rank; ``positions`` (worker -> samples handed out) resumes it."""
     data = config.data
     if config.task == "retrieval":
         stream = PretrainingDataset(
@@ -134,13 +136,13 @@ def training_batches(config: FinetuneConfig, processor: SohoProcessor, accelerat
                                   captions_per_image=data.captions_per_image, shuffle_buffer=data.shuffle_buffer,
                                   num_workers=data.num_workers, max_skip_fraction=data.max_skip_fraction),
             processor.tokenizer, config.train.batch_size, seed=config.train.seed,
-            rank=accelerator.process_index, world_size=accelerator.num_processes)
+            rank=accelerator.process_index, world_size=accelerator.num_processes, start_positions=positions)
         return iter(pretraining_loader(stream, data.num_workers, pin_memory=accelerator.device.type == "cuda"))
     stream = TaskDataset(config.task, data.train_shards, processor.tokenizer, processor.image_config,
                          data.max_text_length or processor.max_text_length, config.train.batch_size, train=True,
                          seed=config.train.seed, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, shuffle_buffer=data.shuffle_buffer,
-                         answer_vocabulary=vocabulary)
+                         answer_vocabulary=vocabulary, start_positions=positions)
     return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=data.num_workers,
                                             persistent_workers=data.num_workers > 0,
                                             pin_memory=accelerator.device.type == "cuda"))
@@ -198,10 +200,12 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
                               log_with=list(train.trackers) or None, project_dir=str(output_dir),
                               step_scheduler_with_optimizer=False)
     set_seed(train.seed, device_specific=True)
+    resume_from = resolve_resume(train.resume, output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if resume_from is None:
+            (output_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     processor = SohoProcessor.from_pretrained(config.init.checkpoint)
     labels = {"nlvr2": list(NLVR2_LABELS), "ve": list(VE_LABELS), "retrieval": [],
@@ -213,7 +217,11 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     model, *prepared = accelerator.prepare(model, *optimizers, *schedulers)
     optimizers, schedulers = prepared[:len(optimizers)], prepared[len(optimizers):]
     unwrapped = accelerator.unwrap_model(model)
-    batches = training_batches(config, processor, accelerator, vocabulary)
+    step, positions = 0, {}
+    if resume_from is not None:
+        step, positions = load_checkpoint(accelerator, resume_from)
+        logger.info("resumed from %s at step %d", resume_from, step)
+    batches = training_batches(config, processor, accelerator, vocabulary, positions)
     inputs = RETRIEVAL_INPUTS if config.task == "retrieval" else MODEL_INPUTS + ("labels",)
 
     if train.trackers:
@@ -229,13 +237,14 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
 
     window: Dict[str, List[float]] = defaultdict(list)
     skipped, seen = Counter(), 0
-    progress = tqdm(total=train.max_steps, disable=not accelerator.is_local_main_process, desc=config.task)
+    progress = tqdm(total=train.max_steps, initial=step, disable=not accelerator.is_local_main_process,
+                    desc=config.task)
     started = window_start = time.perf_counter()
     examples_in_window = 0
-    step = 0
     model.train()
     while step < train.max_steps:
         batch = next(batches)
+        positions[batch["worker"]] = batch["position"]
         skipped.update(batch["skipped"])
         seen += batch["samples"] + sum(batch["skipped"].values())
         if not batch["samples"]:
@@ -275,7 +284,12 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
             log({"step": step, "eval": {name: result.metrics}})
         out_of_time = train.max_minutes is not None and time.perf_counter() - started > train.max_minutes * 60
         # Every process must agree to stop, or the others would wait in a collective.
-        if accelerator.reduce(torch.tensor([float(out_of_time)], device=accelerator.device), reduction="sum") > 0:
+        out_of_time = accelerator.reduce(torch.tensor([float(out_of_time)], device=accelerator.device),
+                                         reduction="sum").item() > 0
+        if (train.save_every and step % train.save_every == 0) or out_of_time:
+            save_checkpoint(accelerator, model, output_dir, step, positions, processor, train.keep_last, config,
+                            export="model")
+        if out_of_time:
             logger.info("stopping at step %d: train.max_minutes=%s reached", step, train.max_minutes)
             break
     progress.close()

@@ -4,8 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -23,6 +21,7 @@ from soho.data.shards import check_skip_fraction
 from soho.models.soho import SohoForPretraining
 from soho.processing import SohoProcessor
 from soho.tokenizer import load_tokenizer
+from soho.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from soho.train.config import PretrainConfig
 from soho.train.optim import build_optimizers, optimizer_step
 
@@ -30,28 +29,6 @@ logger = logging.getLogger(__name__)
 
 TENSOR_KEYS = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids", "mlm_input_ids",
                "mlm_labels", "image_index", "image_ids")
-CHECKPOINT_PREFIX = "step_"
-
-
-def checkpoints(output_dir: Path) -> List[Path]:
-    """Complete checkpoints, oldest first (a crash mid-save leaves only a ``.tmp`` directory)."""
-    root = output_dir / "checkpoints"
-    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp")]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def resolve_resume(resume: Optional[str], output_dir: Path) -> Optional[Path]:
-    if resume is None:
-        return None
-    if resume == "auto":
-        found = checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no trainer_state.json)")
-    return path
-
-
 class MetricWriter:
     """Appends one JSON object per record to ``metrics.jsonl`` (main process only)."""
 
@@ -146,29 +123,6 @@ def evaluate(model: nn.Module, config: PretrainConfig, tokenizer, accelerator: A
             if tally[1] > 0:
                 results["chance_mvm_hidden_acc"] = (tally[0] / tally[1]).item()
     return results
-
-
-def save_checkpoint(accelerator: Accelerator, model: nn.Module, output_dir: Path, step: int,
-                    data_positions: Dict[int, int], processor: SohoProcessor, keep_last: int,
-                    config: PretrainConfig) -> Path:
-    """Write the full training state and a ``save_pretrained`` export, atomically (tmp dir, then rename)."""
-    final = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    (tmp / f"data_state_rank{accelerator.process_index}.json").write_text(json.dumps({"positions": data_positions}))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(tmp / "pretrained", processor=processor)
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": to_dict(config)}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def build_accelerator(config: PretrainConfig) -> Accelerator:
@@ -317,10 +271,7 @@ def pretrain(config: PretrainConfig) -> Dict[str, float]:
     positions: Dict[int, int] = {}
     resume_from = resolve_resume(train.resume, output_dir)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
-        data_state = resume_from / f"data_state_rank{accelerator.process_index}.json"
-        positions = {int(k): v for k, v in json.loads(data_state.read_text())["positions"].items()}
+        step, positions = load_checkpoint(accelerator, resume_from)
         logger.info("resumed from %s at step %d", resume_from, step)
     if train.trackers:
         accelerator.init_trackers("soho-pretrain", config={k: str(v) for k, v in to_dict(config).items()})
