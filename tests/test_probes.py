@@ -232,15 +232,19 @@ def test_probe_batches_follow_the_split(tiny_checkpoint):
     assert spelled > 5 and cut >= 1
 
 
-def test_cli_runs_every_probe_with_its_baselines(tiny_checkpoint, capsys):
+def run_analyze(checkpoint_root: Path, out: Path, *arguments: str) -> None:
+    """tools/analyze.py with --probes on the tiny checkpoint and its synthetic retrieval_val."""
     spec = importlib.util.spec_from_file_location("soho_tool_analyze_probes", ROOT / "tools" / "analyze.py")
     analyze = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(analyze)
+    assert analyze.main(["--checkpoint", str(checkpoint_root / "model"),
+                         "--shards", str(checkpoint_root / "data" / "retrieval_val"), "--out", str(out),
+                         "--batch-size", "4", "--device", "cpu", "--probes", "--probe-l2", "0.01", *arguments]) == 0
+
+
+def test_cli_runs_every_probe_with_its_baselines(tiny_checkpoint, capsys):
     out = tiny_checkpoint / "analysis"
-    assert analyze.main(["--checkpoint", str(tiny_checkpoint / "model"),
-                         "--shards", str(tiny_checkpoint / "data" / "retrieval_val"), "--out", str(out),
-                         "--batches", "3", "--batch-size", "4", "--device", "cpu",
-                         "--probes", "--probe-l2", "0.01"]) == 0
+    run_analyze(tiny_checkpoint, out, "--batches", "3")
     probes = json.loads((out / "results.json").read_text())["probes"]
     assert set(probes) == set(CONDITIONS)
     assert set(probes["trained"]) == set(probes["random_init"]) == set(PROBES)
@@ -359,15 +363,9 @@ def test_real_data_probes_read_the_converters_output(tiny_checkpoint, tmp_path):
     assert set(results) == {"relation", "caption_length"}
     assert set(results["relation"]["attention"].classes) <= predicates
 
-    spec = importlib.util.spec_from_file_location("soho_tool_analyze_vg", ROOT / "tools" / "analyze.py")
-    analyze = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(analyze)
     out = tmp_path / "analysis"
-    assert analyze.main(["--checkpoint", str(tiny_checkpoint / "model"),
-                         "--shards", str(tiny_checkpoint / "data" / "retrieval_val"), "--out", str(out),
-                         "--batches", "1", "--batch-size", "4", "--device", "cpu", "--probes", "--probe-l2", "0.01",
-                         "--grounding", "visual_genome", "--probe-shards", str(relations_split),
-                         "--test-fraction", "0.5"]) == 0
+    run_analyze(tiny_checkpoint, out, "--batches", "1", "--grounding", "visual_genome",
+                "--probe-shards", str(relations_split), "--test-fraction", "0.5")
     written = json.loads((out / "results.json").read_text())
     assert written["probe_data"] == {"shards": str(relations_split), "grounding": "visual_genome"}
     assert set(written["probes"]["trained"]) == {"relation", "caption_length"}
