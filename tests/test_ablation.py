@@ -116,6 +116,14 @@ def test_sweep_runs_every_variant_and_seed_tabulates_and_resumes(sweep, tmp_path
     spec.loader.exec_module(tool)
     assert tool.main(["--sweep", str(sweep / "sweep.yaml"), "--out", str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out.strip() == result.table
+    # --variants: a subset (as one of several processes splitting a sweep would run it).
+    assert tool.main(["--sweep", str(sweep / "sweep.yaml"), "--out", str(tmp_path / "out"),
+                      "--variants", "itm_contrastive"]) == 0
+    rows = [cells_of(line)[0] for line in capsys.readouterr().out.strip().splitlines()[2:]]
+    assert rows == ["itm_contrastive", "chance"]
+    with pytest.raises(SystemExit):
+        tool.main(["--sweep", str(sweep / "sweep.yaml"), "--out", str(tmp_path / "out"), "--variants", "nope"])
+    assert "nope not in" in capsys.readouterr().err
     # A finished run is only reused by the sweep that made it.
     with pytest.raises(ConfigError, match="different sweep"):
         run_ablation(load_ablation(sweep / "sweep.yaml", ["evaluation.max_images=4"]), tmp_path / "out")

@@ -9,6 +9,14 @@
 
 Each run writes to <out>/<variant>/seed_<seed>/; a run whose results.json exists is not run again, so the
 same command resumes an interrupted sweep. Writes <out>/results.json, results.csv and table.md.
+
+--variants runs a subset, so several processes (or machines sharing <out>) can split a sweep; a last call
+without it tabulates everything. On 2 CPU cores, two single-threaded halves finish sooner than one sweep:
+
+    OMP_NUM_THREADS=1 python tools/ablate.py --sweep S --out O --variants merged co_attention asymmetric_text &
+    OMP_NUM_THREADS=1 python tools/ablate.py --sweep S --out O --variants modality_specific asymmetric_image \
+        itm_contrastive; wait
+    python tools/ablate.py --sweep S --out O
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ def main(argv=None) -> int:
                         help="retrieval protocols (default: the sweep file's, else itm_all)")
     parser.add_argument("--max-eval-images", type=int, help="gallery size: the first N images of the split")
     parser.add_argument("--finetune", action="store_true", help="also fine-tune each run for retrieval")
+    parser.add_argument("--variants", nargs="+", help="run (and tabulate) only these variants of the sweep")
     parser.add_argument("overrides", nargs="*",
                         help="pre-training overrides for every variant, e.g. train.max_steps=50")
     args = parser.parse_args(argv)
@@ -48,6 +57,12 @@ def main(argv=None) -> int:
     try:
         ablation = load_ablation(args.sweep, sweep_overrides)
         ablation.common = [*ablation.common, *args.overrides]
+        if args.variants:
+            unknown = sorted(set(args.variants) - set(ablation.variants))
+            if unknown:
+                raise ConfigError(f"--variants: {', '.join(unknown)} not in {args.sweep} "
+                                  f"(its variants: {', '.join(ablation.variants)})")
+            ablation.variants = {name: ablation.variants[name] for name in args.variants}
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         result = run_ablation(ablation, args.out)
     except ConfigError as error:
