@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=16, help="retrieval: itc_itm shortlist size")
     parser.add_argument("--fusion-batch-size", type=int, default=512, help="retrieval: pairs per Transformer pass")
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
-                        help="retrieval: autocast the encoders and fusion passes")
+                        help="retrieval: autocast the fusion passes")
     parser.add_argument("--naive-pairs", type=int, default=1024,
                         help="retrieval: pairs timed for itm_all_naive (extrapolated to the gallery)")
     parser.add_argument("overrides", nargs="*")

@@ -105,7 +105,7 @@ def main(argv=None) -> int:
             sub.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
             sub.add_argument("--fusion-batch-size", type=int, default=512, help="pairs per fusion pass")
             sub.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
-                             help="autocast the encoders and fusion passes (bf16: ~2.5x faster fusion on a CPU "
+                             help="autocast the fusion passes (bf16: ~2.5x faster fusion on a CPU "
                                   "with AVX-512 BF16; scores stay float32)")
         if task == "vqa":
             sub.add_argument("--predict-only", action="store_true",

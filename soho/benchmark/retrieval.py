@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from soho.benchmark.timing import synchronize
-from soho.eval.retrieval import PROTOCOLS, autocast, encode_gallery, retrieve
+from soho.eval.retrieval import PROTOCOLS, autocast, encode_gallery, fused_match_scores, retrieve
 from soho.models.soho import SohoForPretraining
 
 BENCHMARK_PROTOCOLS = ("itm_all_naive",) + PROTOCOLS
@@ -66,7 +66,7 @@ def naive_itm_scores(model: SohoForPretraining, images: Tuple[Tensor, Tensor], t
             out = model.soho(input_ids=texts["input_ids"][t], attention_mask=texts["attention_mask"][t],
                              token_type_ids=texts["token_type_ids"][t] if "token_type_ids" in texts else None,
                              pixel_values=pixel_values[i], pixel_mask=pixel_mask[i])
-        scores.append(model.match_scores(model.soho.pooler(out.text_states[:, 0].float())))
+        scores.append(fused_match_scores(model, out.text_states))
     return torch.cat(scores)
 
 

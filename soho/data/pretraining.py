@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from soho.config import ConfigError
-from soho.data.shards import Sample, SkipCounter, expand_urls, worker_stream
+from soho.data.shards import Sample, SkipCounter, expand_urls, fast_forward, worker_stream
 from soho.models.masking import mask_tokens
 from soho.processing import ImageTransform, ImageTransformConfig, pad_images
 
@@ -166,11 +166,7 @@ class PretrainingDataset(IterableDataset):
         samples, skips, worker, reader_seed = worker_stream(self.urls, self.seed, self.rank, self.world_size,
                                                             self.repeat, self.config.shuffle_buffer,
                                                             self.config.resampled)
-        position = 0
-        for _ in range(self.start_positions.get(worker, 0)):
-            if next(samples, None) is None:
-                return
-            position += 1
+        position = fast_forward(samples, self.start_positions.get(worker, 0))
         images, captions, image_ids = [], [], []
         reported = SkipCounter()
         for sample in samples:

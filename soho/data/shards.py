@@ -157,6 +157,15 @@ def worker_stream(urls: Sequence[str], seed: int, rank: int, world_size: int, re
     return shuffle(samples, shuffle_buffer, reader_seed), skips, worker, reader_seed
 
 
+def fast_forward(samples: Iterator[Sample], count: int) -> int:
+    """Draw (without decoding) up to ``count`` samples a resumed stream had already handed out; returns how
+    many were drawn (fewer only when a one-pass stream ends first)."""
+    drawn = 0
+    while drawn < count and next(samples, None) is not None:
+        drawn += 1
+    return drawn
+
+
 def check_skip_fraction(skipped: int, seen: int, limit: float) -> None:
     """Stop a run whose data is broken: more than ``limit`` of at least 100 samples skipped."""
     if seen >= 100 and skipped / seen > limit:

@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 
 from soho.data.pretraining import SampleError, decode_image, decode_json
-from soho.data.shards import Sample, SkipCounter, expand_urls, worker_stream
+from soho.data.shards import Sample, SkipCounter, expand_urls, fast_forward, worker_stream
 from soho.processing import ImageTransform, ImageTransformConfig, pad_images
 
 CLASSIFICATION_TASKS = ("nlvr2", "ve", "vqa")
@@ -187,11 +187,7 @@ class TaskDataset(IterableDataset):
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         samples, skips, worker, _ = worker_stream(self.urls, self.seed, self.rank, self.world_size, self.train,
                                                   self.shuffle_buffer)
-        position = 0
-        for _ in range(self.start_positions.get(worker, 0)):
-            if next(samples, None) is None:
-                return
-            position += 1
+        position = fast_forward(samples, self.start_positions.get(worker, 0))
         images: List[torch.Tensor] = []
         examples: List[TaskExample] = []
         reported = SkipCounter()

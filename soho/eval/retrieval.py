@@ -171,6 +171,12 @@ def itm_scores(model: SohoForPretraining, gallery: EncodedGallery, text_rows: Te
     return accelerator.gather(F.pad(scores, (0, share - len(scores))))[:len(text_rows)]
 
 
+def fused_match_scores(model: SohoForPretraining, text_states: Tensor) -> Tensor:
+    """Match scores from the fused text states: pooler and head in float32, since scores rounded to bf16
+    would tie often."""
+    return model.match_scores(model.soho.pooler(text_states[:, 0].float()))
+
+
 def _pair_scores(model: SohoForPretraining, gallery: EncodedGallery, text_rows: Tensor, image_rows: Tensor,
                  batch_size: int, mixed_precision: MixedPrecision) -> Tensor:
     scores = []
@@ -180,8 +186,7 @@ def _pair_scores(model: SohoForPretraining, gallery: EncodedGallery, text_rows: 
         with autocast(gallery.image_tokens.device, mixed_precision):
             out = model.soho.encoder(gallery.text_embeddings[t], gallery.text_mask[t],
                                      gallery.image_tokens[i], gallery.image_mask[i])
-        # The head in float32: scores rounded to bf16 would tie often.
-        scores.append(model.match_scores(model.soho.pooler(out.text_states[:, 0].float())))
+        scores.append(fused_match_scores(model, out.text_states))
     if not scores:
         return gallery.text_embeddings.new_zeros(0)
     return torch.cat(scores)

@@ -58,7 +58,7 @@ class EvaluationConfig:
     fusion_batch_size: int = 512
     """Pairs per fusion pass (on 2 CPU cores 128 is faster)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast the encoders and fusion passes; the match scores stay float32."""
+    """Autocast the fusion passes; encoding and the match scores stay float32."""
 
     def __post_init__(self):
         if not self.protocols:
