@@ -4,11 +4,12 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_config
 
-import soho.models.soho as soho_module
+import soho.models.objectives.itm as itm_module
 from soho.config import ConfigError
 from soho.eval.retrieval import encode_gallery, itm_scores, retrieve
 from soho.models import SohoForPretraining
 from soho.models.losses import contrastive_itm_loss, ranked_first, ranked_first_chance
+from soho.models.objectives import ClassificationMatching, ContrastiveMatching, PretrainingStep
 
 # No MVM: its random cell masks would make the shared pass impossible to replay by hand.
 CONTRASTIVE = {"itm.loss": "contrastive", "itm.contrastive_negatives": 2, "loss_weights.mvm": 0.0}
@@ -42,26 +43,36 @@ def test_config_is_checked_and_classification_stays_the_default():
         tiny_config(**{"itm.loss": "contrastive", "itm.contrastive_negatives": 0})
     model = SohoForPretraining(tiny_config())
     assert model.config.itm.loss == "classification"
-    assert model.itm_head.classifier.out_features == 2
-    assert not any(name.startswith("itm_score_head") for name in model.state_dict())
+    assert model.objective("itm").head.classifier.out_features == 2
+    assert isinstance(model.objective("itm"), ClassificationMatching)
+    assert isinstance(SohoForPretraining(tiny_config(**CONTRASTIVE)).objective("itm"), ContrastiveMatching)
+
+
+def drawing_step(image_index, num_images, logits=None):
+    """The fields of a step that drawing negatives reads."""
+    return PretrainingStep(grid=None, input_ids=image_index[:, None], attention_mask=None, token_type_ids=None,
+                           image_index=image_index, image_ids=torch.arange(num_images),
+                           image_seeds=torch.arange(num_images), text_to_image_logits=logits)
 
 
 def test_negatives_are_other_images_without_repeats_capped_by_the_batch():
     model = SohoForPretraining(tiny_config(**{**CONTRASTIVE, "itm.contrastive_negatives": 10}))
+    itm = model.objective("itm")
     image_index = torch.arange(5).repeat_interleave(3)
     torch.manual_seed(0)
-    negatives = model._contrastive_negatives(image_index, 5, None)
+    negatives = itm.draw_negatives(drawing_step(image_index, 5), 5)
     assert negatives.shape == (15, 4)  # capped at the 4 other images
     for row, own in zip(negatives.tolist(), image_index.tolist()):
         assert sorted(row) == sorted(set(range(5)) - {own})
-    model.config.itm.contrastive_negatives = 2
-    negatives = model._contrastive_negatives(image_index, 5, None)
+    itm.config.itm.contrastive_negatives = 2
+    negatives = itm.draw_negatives(drawing_step(image_index, 5), 5)
     assert negatives.shape == (15, 2)
     assert (negatives != image_index[:, None]).all() and (negatives[:, 0] != negatives[:, 1]).all()
     # Hard negatives follow the ITC similarity: one image far above the rest is always drawn.
     logits = torch.zeros(15, 5)
     logits[:, 3] = 50.0
-    hard = model._contrastive_negatives(image_index, 5, logits)
+    itm.config.itm.hard_negatives = True
+    hard = itm.draw_negatives(drawing_step(image_index, 5, logits), 5)
     texts_of_other_images = image_index != 3
     assert (hard[texts_of_other_images] == 3).any(1).all()
     assert (hard != image_index[:, None]).all()
@@ -74,7 +85,7 @@ def capture_scores(monkeypatch):
         captured["scores"], captured["valid"] = scores.detach(), valid
         return contrastive_itm_loss(scores, valid)
 
-    monkeypatch.setattr(soho_module, "contrastive_itm_loss", spy)
+    monkeypatch.setattr(itm_module, "contrastive_itm_loss", spy)
     return captured
 
 
@@ -84,8 +95,9 @@ def test_the_positive_is_candidate_zero_and_each_score_is_its_pair(monkeypatch):
     batch = tiny_batch(num_images=4, captions_per_image=2)
     captured = capture_scores(monkeypatch)
     drawn = {}
-    draw = model._contrastive_negatives
-    model._contrastive_negatives = lambda *args: drawn.setdefault("negatives", draw(*args))
+    itm = model.objective("itm")
+    draw = itm.draw_negatives
+    itm.draw_negatives = lambda *args: drawn.setdefault("negatives", draw(*args))
     out = model(**batch)
 
     scores, negatives = captured["scores"], drawn["negatives"]
@@ -129,7 +141,7 @@ def test_gradients_reach_the_score_head_and_the_encoder_through_the_negatives():
     # The shared pass (8 texts with their own images) and the negatives' pass (8 x 2 pairs) both learn.
     assert [p.shape[0] for p in pooled] == [8, 16]
     assert all(p.grad.abs().sum(1).gt(0).all() for p in pooled)
-    assert model.itm_score_head.score.weight.grad.abs().sum() > 0
+    assert model.objective("itm").head.score.weight.grad.abs().sum() > 0
     encoder_grads = [p.grad for n, p in model.named_parameters() if n.startswith("soho.encoder") and p.grad is not None]
     assert encoder_grads and any(g.abs().sum() > 0 for g in encoder_grads)
 
@@ -157,7 +169,7 @@ def test_retrieval_ranks_by_the_contrastive_score(tmp_path):
     rows = torch.arange(6)
     before = itm_scores(model, gallery, rows, rows // 2)
     with torch.no_grad():
-        model.itm_score_head.score.bias += 2.5
+        model.objective("itm").head.score.bias += 2.5
     torch.testing.assert_close(itm_scores(model, gallery, rows, rows // 2), before + 2.5)
 
     model.save_pretrained(tmp_path / "contrastive")
@@ -169,7 +181,7 @@ def test_classification_scores_are_the_logit_margin_and_probability():
     torch.manual_seed(0)
     model = SohoForPretraining(tiny_config()).eval()
     pooled = torch.randn(5, 32)
-    logits = model.itm_head(pooled)
+    logits = model.objective("itm").head(pooled)
     torch.testing.assert_close(model.match_scores(pooled), logits[:, 1] - logits[:, 0])
     batch = tiny_batch(num_images=2, captions_per_image=1)
     out = model.soho(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

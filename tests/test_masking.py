@@ -1,7 +1,7 @@
 import torch
 
 from soho.models.losses import IGNORE_INDEX
-from soho.models.masking import mask_tokens, sample_mvm_mask, visible_entries
+from soho.models.masking import keyed_uniform, mask_tokens, sample_mvm_mask, visible_entries
 
 CLS, SEP, PAD, MASK = 2, 3, 0, 4
 
@@ -54,7 +54,7 @@ def test_mvm_masks_every_cell_sharing_the_sampled_entry():
     valid[1, 1, 2] = False
     valid[1, 1, 1] = False  # a padded cell with entry 5 must stay unmasked
     for seed in range(20):
-        masked = sample_mvm_mask(indices, valid, probability=1.0, generator=torch.Generator().manual_seed(seed))
+        masked = sample_mvm_mask(indices, valid, probability=1.0, seeds=torch.tensor([seed, seed + 100]))
         for image in range(2):
             chosen = indices[image][masked[image]].unique()
             assert chosen.numel() == 1, "exactly one entry is masked per picked image"
@@ -65,9 +65,9 @@ def test_mvm_masks_every_cell_sharing_the_sampled_entry():
 def test_mvm_probability_zero_and_empty_images():
     indices = torch.zeros(3, 2, 2, dtype=torch.long)
     valid = torch.ones(3, 2, 2, dtype=torch.bool)
-    assert not sample_mvm_mask(indices, valid, 0.0).any()
+    assert not sample_mvm_mask(indices, valid, 0.0, torch.arange(3)).any()
     valid[1] = False
-    masked = sample_mvm_mask(indices, valid, 1.0)
+    masked = sample_mvm_mask(indices, valid, 1.0, torch.arange(3))
     assert not masked[1].any() and masked[0].all() and masked[2].all()
 
 
@@ -82,7 +82,30 @@ def test_visible_entries_never_contain_a_masked_cells_entry():
     assert visible[0].nonzero().flatten().tolist() == [2, 3]
     assert visible[1].nonzero().flatten().tolist() == [5, 6]
     for seed in range(10):
-        masked = sample_mvm_mask(indices, valid, 1.0, generator=torch.Generator().manual_seed(seed))
+        masked = sample_mvm_mask(indices, valid, 1.0, torch.tensor([seed, seed + 100]))
         visible = visible_entries(indices, valid, masked, num_entries=8)
         for image in range(2):
             assert not visible[image, indices[image][masked[image]]].any()
+
+
+def test_keyed_draws_are_uniform_and_depend_on_the_seed_alone():
+    draws = keyed_uniform(torch.arange(2000), 50)
+    assert draws.shape == (2000, 50) and draws.min() >= 0 and draws.max() < 1
+    assert abs(draws.mean().item() - 0.5) < 0.01 and abs(draws.var().item() - 1 / 12) < 0.002
+    # Neighbouring seeds and columns are not correlated.
+    assert abs(torch.corrcoef(torch.stack([draws[:-1, 0], draws[1:, 0]]))[0, 1]) < 0.05
+    assert abs(torch.corrcoef(torch.stack([draws[:, 0], draws[:, 1]]))[0, 1]) < 0.05
+    # A row is the same whatever batch it sits in: splitting a batch over ranks draws the same.
+    seeds = torch.tensor([7, -3, 1 << 61, 12])
+    torch.testing.assert_close(keyed_uniform(seeds, 9)[2:], keyed_uniform(seeds[2:], 9))
+
+
+def test_mvm_masks_of_an_image_do_not_depend_on_the_rest_of_the_batch():
+    generator = torch.Generator().manual_seed(0)
+    indices = torch.randint(0, 5, (6, 4, 4), generator=generator)
+    valid = torch.ones(6, 4, 4, dtype=torch.bool)
+    seeds = torch.arange(6) * 1000
+    whole = sample_mvm_mask(indices, valid, 0.5, seeds)
+    halves = torch.cat([sample_mvm_mask(indices[:3], valid[:3], 0.5, seeds[:3]),
+                        sample_mvm_mask(indices[3:], valid[3:], 0.5, seeds[3:])])
+    assert torch.equal(whole, halves) and whole.any()

@@ -70,7 +70,7 @@ def test_itc_and_hard_negatives(tmp_path):
     out = model(**tiny_batch())
     assert {"itc", "itm", "mlm", "mvm"} == set(out.losses)
     out.loss.backward()
-    assert model.itc_head.log_temperature.grad is not None
+    assert model.objective("itc").head.log_temperature.grad is not None
     model.eval()
     batch = tiny_batch()
     images = model.encode_images(batch["pixel_values"], batch["pixel_mask"])
@@ -116,6 +116,23 @@ def test_save_and_load_give_identical_outputs(tmp_path, config):
     torch.testing.assert_close(a.pooled, b.pooled, rtol=0, atol=0)
 
 
+def test_checkpoints_with_heads_beside_the_model_still_load(tmp_path):
+    """Before objectives were modules, heads were saved as mlm_head.*, itm_head.*, itc_head.*, mvm_head.*."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = SohoForPretraining(tiny_config(**{"itc.enabled": True})).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    legacy = {key.replace("objectives.", "", 1).replace(".head.", "_head.", 1) if key.startswith("objectives.")
+              else key: tensor for key, tensor in load_file(str(weights)).items()}
+    assert {"mlm_head.bias", "itm_head.classifier.weight", "itc_head.log_temperature"} <= set(legacy)
+    save_file(legacy, str(weights))
+    loaded = SohoForPretraining.from_pretrained(tmp_path / "ckpt").eval()  # strict: every tensor placed
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+
+
 def test_pickled_checkpoints_are_refused(tmp_path, config):
     model = SohoForPretraining(config)
     directory = tmp_path / "pickled"
@@ -142,7 +159,7 @@ def test_initialisation_from_a_local_bert_checkpoint(tmp_path):
     with torch.no_grad():
         expected = bert(input_ids=ids, output_hidden_states=True)
         out = model.soho(input_ids=ids)
-        logits = model.mlm_head(out.text_states, model.soho.text_embeddings.word_embeddings.weight)
+        logits = model.objective("mlm").head(out.text_states, model.soho.text_embeddings.word_embeddings.weight)
     torch.testing.assert_close(out.text_states, expected.hidden_states[-1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits, expected.prediction_logits, atol=1e-4, rtol=1e-4)
     # A general score's W has no BERT counterpart; it starts as scaled dot, so BERT's outputs are kept.
@@ -219,7 +236,7 @@ def test_mvm_classifier_head_and_ruling_out_visible_entries():
     torch.manual_seed(0)
     config = tiny_config(**{"mvm.score": "classifier", "mvm.exclude_visible": True})
     model = SohoForPretraining(config)
-    assert model.mvm_head.decoder.out_features == config.visual_dictionary.size
+    assert model.objective("mvm").head.decoder.out_features == config.visual_dictionary.size
     losses, twins = {}, {}
     for exclude in (True, False):
         twin = twins[exclude] = copy.deepcopy(model).train()
@@ -231,6 +248,6 @@ def test_mvm_classifier_head_and_ruling_out_visible_entries():
     # Same masks and logits; ruling out entries that cannot be the answer only lowers the loss.
     assert losses[True].item() < losses[False].item()
     losses[True].backward()
-    assert twins[True].mvm_head.decoder.weight.grad.abs().sum() > 0
+    assert twins[True].objective("mvm").head.decoder.weight.grad.abs().sum() > 0
     with pytest.raises(Exception, match="mvm.score"):
         tiny_config(**{"mvm.score": "dot"})

@@ -69,12 +69,13 @@ def dictionary_report(model: SohoForPretraining, batches: Iterable[Dict[str, Ten
             counts["reference_same"] += int((reference_indices == indices)[valid].sum())
         usage += torch.bincount(indices[valid], minlength=size).double()
 
-        masked = sample_mvm_mask(grid.indices, grid.mask, 1.0, generator)
+        seeds = torch.randint(0, 1 << 62, (pixels.shape[0],), generator=generator)
+        masked = sample_mvm_mask(grid.indices, grid.mask, 1.0, seeds)
         image_index = batch["image_index"]
         out = eval_model.soho(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], grid=grid,
                               image_index=image_index, masked_cells=masked)
         cells = masked.flatten(1)[image_index]
-        logits = eval_model.mvm_head(out.image_states[cells], eval_model.soho.visual_dictionary.embedding).float()
+        logits = eval_model.objective("mvm").head(out.image_states[cells], eval_model.soho.visual_dictionary.embedding).float()
         pairs = cells.nonzero(as_tuple=True)[0]
         visible = visible_entries(grid.indices, grid.mask, masked, size)[image_index[pairs]]
         targets = indices[image_index][cells]

@@ -102,11 +102,10 @@ def time_steps(step: Callable[[Dict], object], batches: Sequence[Dict], steps: i
 
 def stage_modules(model: SohoForPretraining) -> Dict[str, list]:
     soho = model.soho
-    # Which heads exist depends on the config (MVM with a dictionary, the ITM classifier or contrastive score).
-    heads = [soho.pooler] + [getattr(model, name) for name in ("mlm_head", "itm_head", "itm_score_head", "mvm_head")
-                             if hasattr(model, name)]
     # The ITC head is used through its embed_* methods, which no hook sees; its projections are modules.
-    heads += [model.itc_head.text_projection, model.itc_head.image_projection] if hasattr(model, "itc_head") else []
+    heads = [soho.pooler] + [module for objective in model.objectives.values() for module in
+                             ([objective.head.text_projection, objective.head.image_projection]
+                              if objective.name == "itc" else [objective.head])]
     stages = {"backbone": [soho.backbone], "embeddings": [soho.text_embeddings, soho.visual_embeddings],
               "encoder": [soho.encoder], "heads": heads}
     if soho.visual_dictionary is not None:

@@ -4,7 +4,6 @@ from soho.models.config import (
                                 EncoderConfig,
                                 ITCConfig,
                                 ITMConfig,
-                                LossWeights,
                                 MVMConfig,
                                 SohoConfig,
                                 VisualDictionaryConfig,
@@ -14,7 +13,7 @@ from soho.models.soho import PretrainingOutput, SohoForPretraining, SohoModel, S
 from soho.models.tasks import TASK_MODELS, ClassificationOutput, SohoForNLVR2, SohoForVisualEntailment, SohoForVQA
 
 __all__ = [
-    "AttentionConfig", "BackboneConfig", "EncoderConfig", "ITCConfig", "ITMConfig", "LossWeights", "MVMConfig",
+    "AttentionConfig", "BackboneConfig", "EncoderConfig", "ITCConfig", "ITMConfig", "MVMConfig",
     "SohoConfig", "VisualDictionaryConfig", "SohoPreTrainedModel", "read_config", "PretrainingOutput",
     "SohoForPretraining", "SohoModel", "SohoOutput", "VisualGrid", "TASK_MODELS", "ClassificationOutput",
     "SohoForNLVR2", "SohoForVisualEntailment", "SohoForVQA",

@@ -5,8 +5,9 @@ BERT ``config.json`` maps onto it directly.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional
+from typing import Dict, List, Literal, Optional
 
 from soho.config import ConfigError
 
@@ -251,14 +252,6 @@ class ITCConfig:
 
 
 @dataclass
-class LossWeights:
-    mlm: float = 1.0
-    itm: float = 1.0
-    mvm: float = 1.0
-    itc: float = 1.0
-
-
-@dataclass
 class SohoConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -268,7 +261,9 @@ class SohoConfig:
     mvm: MVMConfig = field(default_factory=MVMConfig)
     itm: ITMConfig = field(default_factory=ITMConfig)
     itc: ITCConfig = field(default_factory=ITCConfig)
-    loss_weights: LossWeights = field(default_factory=LossWeights)
+    loss_weights: Dict[str, float] = field(default_factory=lambda: {"mlm": 1.0, "itm": 1.0, "mvm": 1.0, "itc": 1.0})
+    """Weight of each pre-training objective by name (:mod:`soho.models.objectives`); one left out weighs 1,
+    0 keeps its head but computes no loss. ITC and MVM exist only with ``itc.enabled`` and the dictionary."""
     labels: List[str] = field(default_factory=list)
     """Class names of a task head, in logit order (VE's three labels, VQA's answer
     vocabulary); saved with the checkpoint so predictions map back to strings."""
@@ -276,6 +271,9 @@ class SohoConfig:
     def __post_init__(self):
         if self.itm.hard_negatives and not self.itc.enabled:
             raise ConfigError("itm.hard_negatives needs itc.enabled: true")
-        if self.mvm.probability > 0 and self.loss_weights.mvm > 0 and not self.use_visual_dictionary:
+        for name, weight in self.loss_weights.items():
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ConfigError(f"loss_weights.{name} must be a finite number >= 0, got {weight}")
+        if self.mvm.probability > 0 and self.loss_weights.get("mvm", 1.0) > 0 and not self.use_visual_dictionary:
             raise ConfigError("masked visual modeling needs the visual dictionary "
                               "(set use_visual_dictionary: true or loss_weights.mvm: 0)")

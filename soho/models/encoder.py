@@ -328,9 +328,9 @@ _BERT_RENAMES = [
     (".output.dense.", ".output."),
     (".output.LayerNorm.", ".output_norm."),
     ("pooler.dense.", "pooler.dense."),
-    ("cls.predictions.transform.dense.", "mlm_head.transform."),
-    ("cls.predictions.transform.LayerNorm.", "mlm_head.norm."),
-    ("cls.predictions.bias", "mlm_head.bias"),
+    ("cls.predictions.transform.dense.", "objectives.mlm.head.transform."),
+    ("cls.predictions.transform.LayerNorm.", "objectives.mlm.head.norm."),
+    ("cls.predictions.bias", "objectives.mlm.head.bias"),
 ]
 
 

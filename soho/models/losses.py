@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from soho.distributed import all_gather_with_grad, rank
+from soho.distributed import all_gather, all_gather_with_grad, is_distributed, rank, rank_share
 
 IGNORE_INDEX = -100
 
@@ -72,25 +72,33 @@ def ranked_first_chance(valid: Tensor) -> Tensor:
 
 
 def itc_loss(image_embeds: Tensor, text_embeds: Tensor, temperature: Tensor,
-             image_ids: Optional[Tensor] = None, text_image_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+             image_ids: Optional[Tensor] = None, text_image_ids: Optional[Tensor] = None,
+             gather: bool = True) -> Tuple[Tensor, Tensor]:
     """Symmetric InfoNCE between L2-normalised image (B, E) and text (N, E) embeddings.
 
-    Negatives come from the whole global batch (gathered across ranks). With several
-    captions per image, ``image_ids`` (B,) and ``text_image_ids`` (N,) say which
+    With ``gather`` (training), negatives come from the whole global batch: the embeddings of all
+    ranks are gathered with their gradients, and each direction's mean over this rank's rows is
+    scaled by :func:`~soho.distributed.rank_share`, so that DDP's average of the ranks' losses and
+    gradients equals one process on the whole batch. Without it (evaluation, where ranks may hold
+    different numbers of batches and must not wait for each other) negatives stay local.
+
+    With several captions per image, ``image_ids`` (B,) and ``text_image_ids`` (N,) say which
     texts match which images; every match is a positive and the target mass is spread
     evenly over them. Without ids, row i of each side matches row i of the other.
     Returns the loss and the local text-to-image similarity (N, B_global) / temperature.
     """
-    all_images = all_gather_with_grad(image_embeds)
-    all_texts = all_gather_with_grad(text_embeds)
+    gather = gather and is_distributed()
     if image_ids is None or text_image_ids is None:
         if image_embeds.shape[0] != text_embeds.shape[0]:
             raise ValueError("itc_loss needs image_ids and text_image_ids when images and texts differ in number")
         image_ids = torch.arange(image_embeds.shape[0], device=image_embeds.device)
-        image_ids = image_ids + rank() * image_embeds.shape[0]
+        if gather:
+            image_ids = image_ids + rank() * image_embeds.shape[0]
         text_image_ids = image_ids
-    all_image_ids = all_gather_with_grad(image_ids)
-    all_text_ids = all_gather_with_grad(text_image_ids)
+    all_images = all_gather_with_grad(image_embeds) if gather else image_embeds
+    all_texts = all_gather_with_grad(text_embeds) if gather else text_embeds
+    all_image_ids = all_gather(image_ids) if gather else image_ids
+    all_text_ids = all_gather(text_image_ids) if gather else text_image_ids
 
     logits_t2i = text_embeds.float() @ all_images.float().t() / temperature
     logits_i2t = image_embeds.float() @ all_texts.float().t() / temperature
@@ -100,6 +108,9 @@ def itc_loss(image_embeds: Tensor, text_embeds: Tensor, temperature: Tensor,
     targets_i2t = targets_i2t / targets_i2t.sum(1, keepdim=True)
     loss_t2i = -(targets_t2i * logits_t2i.log_softmax(dim=1)).sum(1).mean()
     loss_i2t = -(targets_i2t * logits_i2t.log_softmax(dim=1)).sum(1).mean()
+    if gather:
+        loss_t2i = loss_t2i * rank_share(text_embeds.shape[0], text_embeds.device)
+        loss_i2t = loss_i2t * rank_share(image_embeds.shape[0], image_embeds.device)
     return (loss_t2i + loss_i2t) / 2, logits_t2i
 
 

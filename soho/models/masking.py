@@ -44,26 +44,47 @@ def mask_tokens(
     return corrupted, labels
 
 
-def sample_mvm_mask(
-    indices: Tensor,
-    valid: Tensor,
-    probability: float,
-    generator: Optional[torch.Generator] = None,
-) -> Tensor:
+def _as_int64(value: int) -> int:
+    """A 64-bit unsigned constant as the signed value torch's int64 arithmetic wraps to."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _as_int64(0x9E3779B97F4A7C15)
+_MIX_1 = _as_int64(0xBF58476D1CE4E5B9)
+_MIX_2 = _as_int64(0x94D049BB133111EB)
+
+
+def keyed_uniform(seeds: Tensor, count: int) -> Tensor:
+    """(len(seeds), count) float32 numbers in [0, 1), each a fixed function of (seed, column).
+
+    SplitMix64's finaliser over int64 tensors, on the seeds' device. A row's numbers depend on
+    its seed only, not on which other rows share the batch, so draws made this way are the same
+    whether a batch is processed whole or split over ranks, and again after a resume.
+    """
+    columns = torch.arange(1, count + 1, device=seeds.device, dtype=torch.int64)
+    x = seeds.to(torch.int64)[:, None] * _GOLDEN + columns[None, :] * _MIX_2
+    # torch shifts int64 arithmetically; the masks make them the logical shifts SplitMix64 needs.
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _MIX_1
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _MIX_2
+    x = x ^ ((x >> 31) & ((1 << 33) - 1))
+    return ((x >> 40) & ((1 << 24) - 1)).to(torch.float32) / float(1 << 24)
+
+
+def sample_mvm_mask(indices: Tensor, valid: Tensor, probability: float, seeds: Tensor) -> Tensor:
     """SOHO's masked visual modelling mask, (B, h, w) bool.
 
     Each image is picked with ``probability``; for a picked image one valid cell is
     drawn at random and every valid cell mapped to the same dictionary entry is masked,
     so the model cannot copy the answer from a neighbouring cell with the same entry.
+    ``seeds`` (B,) key each image's draws (:func:`keyed_uniform`).
     """
     batch = indices.shape[0]
     flat_indices = indices.reshape(batch, -1)
     flat_valid = valid.reshape(batch, -1).bool()
-    device = indices.device
-    picked = torch.rand(batch, generator=generator, device=device) < probability
+    draws = keyed_uniform(seeds.to(indices.device), 1 + flat_valid.shape[1])
+    picked = draws[:, 0] < probability
     # A random valid cell per image: the arg-max of random scores over valid cells.
-    scores = torch.rand(flat_valid.shape, generator=generator, device=device).masked_fill(~flat_valid, -1.0)
-    anchor = scores.argmax(dim=1)
+    anchor = draws[:, 1:].masked_fill(~flat_valid, -1.0).argmax(dim=1)
     anchor_entry = flat_indices.gather(1, anchor[:, None])
     masked = (flat_indices == anchor_entry) & flat_valid & picked[:, None] & flat_valid.any(1, keepdim=True)
     return masked.view_as(valid)

@@ -61,6 +61,20 @@ def read_config(directory: str | Path) -> SohoConfig:
     return _without_external_weights(from_dict(SohoConfig, _read_record(Path(directory))["config"]))
 
 
+# Checkpoints written before the objectives became modules kept each head beside the model.
+_LEGACY_HEADS = {"mlm_head.": "objectives.mlm.head.", "itm_head.": "objectives.itm.head.",
+                 "itm_score_head.": "objectives.itm.head.", "mvm_head.": "objectives.mvm.head.",
+                 "itc_head.": "objectives.itc.head."}
+
+
+def _rename_legacy_heads(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    renamed = {}
+    for key, tensor in state.items():
+        old = next((p for p in _LEGACY_HEADS if key.startswith(p)), None)
+        renamed[_LEGACY_HEADS[old] + key[len(old):] if old else key] = tensor
+    return renamed
+
+
 def _match_prefix(state: Dict[str, Tensor], own_keys) -> Dict[str, Tensor]:
     """Let a bare ``SohoModel`` and task models (which hold it as ``soho.``) load each other's weights."""
     own_keys = set(own_keys)
@@ -103,7 +117,7 @@ class SohoPreTrainedModel(nn.Module):
         loaded: Dict[str, Tensor] = {}
         bert = bert_weights_for_fusion(bert_state_dict_to_soho(bert_weights), self.config.encoder)
         for name, tensor in bert.items():
-            target = name if name.startswith("mlm_head.") else prefix + name
+            target = name if name.startswith("objectives.") else prefix + name
             if target in own:
                 if own[target].shape != tensor.shape:
                     raise ValueError(f"BERT weight {name} has shape {tuple(tensor.shape)}, "
@@ -166,7 +180,8 @@ class SohoPreTrainedModel(nn.Module):
         if config is None:
             config = from_dict(SohoConfig, record["config"])
         model = cls(_without_external_weights(config))
-        state = _match_prefix(load_file(str(weights_file), device=str(map_location)), model.state_dict().keys())
+        state = _rename_legacy_heads(load_file(str(weights_file), device=str(map_location)))
+        state = _match_prefix(state, model.state_dict().keys())
         if strict is None:
             strict = record.get("architecture") == cls.__name__
         result = model.load_state_dict(state, strict=False)

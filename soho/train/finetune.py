@@ -111,8 +111,7 @@ def model_config(config: FinetuneConfig, labels: List[str]) -> SohoConfig:
     return dataclasses.replace(
         model,
         # Retrieval fine-tuning is ITM (and ITC) alone: no masking, no dictionary prediction.
-        loss_weights=dataclasses.replace(model.loss_weights, mlm=0.0, mvm=0.0,
-                                         itc=1.0 if config.retrieval.itc else 0.0),
+        loss_weights={"mlm": 0.0, "mvm": 0.0, "itm": 1.0, "itc": 1.0 if config.retrieval.itc else 0.0},
         itm=dataclasses.replace(model.itm, hard_negatives=config.retrieval.hard_negatives),
     )
 

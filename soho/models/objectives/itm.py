@@ -1,0 +1,137 @@
+"""Image-text matching (ITM): is this caption true of this image? A classifier over the fused [CLS]
+(SOHO), or a score compared across each caption's candidate images (contrastive, Decoupling)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from soho.distributed import rank_share
+from soho.models.heads import ClassifierHead, ScoreHead
+from soho.models.losses import accuracy, contrastive_itm_loss, itm_loss, ranked_first, ranked_first_chance
+from soho.models.objectives.base import Objective, ObjectiveOutput, PretrainingStep, register_objective
+
+
+@register_objective
+class ImageTextMatching(Objective):
+    """``itm.loss`` picks the variant: :class:`ClassificationMatching` or :class:`ContrastiveMatching`."""
+
+    name = "itm"
+
+    @classmethod
+    def build(cls, config) -> "ImageTextMatching":
+        return (ContrastiveMatching if config.itm.loss == "contrastive" else ClassificationMatching)(config)
+
+    def match_scores(self, pooled: Tensor) -> Tensor:
+        """(N,) float scores that rank pairs by how well they match, from their pooled [CLS]."""
+        raise NotImplementedError
+
+    def match_probability(self, pooled: Tensor) -> Tensor:
+        """What :meth:`SohoForPretraining.score` returns for a pair."""
+        raise NotImplementedError
+
+    def negative_weights(self, step: PretrainingStep, num_images: int) -> Tensor:
+        """(N, B) how likely each image is drawn as a caption's negative: uniform, or in proportion to ITC
+        similarity with ``itm.hard_negatives``; never the caption's own image, every other one drawable."""
+        num_texts = step.image_index.shape[0]
+        if self.config.itm.hard_negatives:
+            weights = step.text_to_image_logits.detach().float().softmax(dim=1)
+        else:
+            weights = torch.ones(num_texts, num_images, device=step.image_index.device)
+        # The floor keeps every other image drawable when the softmax underflows.
+        weights = weights.clamp(min=1e-12)
+        weights[torch.arange(num_texts, device=weights.device), step.image_index] = 0
+        return weights
+
+
+class ClassificationMatching(ImageTextMatching):
+    """SOHO's ITM: with ``itm.negative_probability`` a caption is shown with another image in the shared fused
+    pass; a 2-way classifier on its pooled [CLS] says whether the pair matches (1 = matched)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.head = ClassifierHead(config.encoder.hidden_size, 2)
+
+    def match_scores(self, pooled: Tensor) -> Tensor:
+        """The logit margin, matched minus mismatched."""
+        logits = self.head(pooled).float()
+        return logits[:, 1] - logits[:, 0]
+
+    def match_probability(self, pooled: Tensor) -> Tensor:
+        return self.head(pooled).softmax(-1)[:, 1]
+
+    def draw_partners(self, step: PretrainingStep, num_images: int) -> Tensor:
+        """For each caption, the image it is shown with: its own, or with ``itm.negative_probability`` another."""
+        probability = self.config.itm.negative_probability
+        if num_images < 2 or probability == 0:
+            return step.image_index
+        swap = torch.rand(step.image_index.shape[0], device=step.image_index.device) < probability
+        others = torch.multinomial(self.negative_weights(step, num_images), 1).squeeze(1)
+        return torch.where(swap, others, step.image_index)
+
+    def prepare(self, model: nn.Module, step: PretrainingStep) -> None:
+        if not self.active:
+            return
+        if step.itm_image_index is not None:
+            step.partners = step.itm_image_index
+        else:
+            step.partners = self.draw_partners(step, step.image_ids.shape[0])
+        if step.itm_labels is not None:
+            step.matched = step.itm_labels.bool()
+        else:
+            step.matched = step.image_ids[step.partners] == step.image_ids[step.image_index]
+
+    def forward(self, model: nn.Module, step: PretrainingStep) -> ObjectiveOutput:
+        logits = self.head(step.fused.pooled)
+        labels = step.matched.long()
+        loss = itm_loss(logits, labels)
+        if self.training:
+            loss = loss * rank_share(labels.shape[0], loss.device)
+        return ObjectiveOutput(loss=loss, metrics={"itm_acc": accuracy(logits.detach(), labels)}, labels=labels)
+
+
+class ContrastiveMatching(ImageTextMatching):
+    """Contrastive ITM (Decoupling, arXiv 2102.00529): every caption is scored with its own image (the
+    shared pass) and with ``itm.contrastive_negatives`` other images of the batch (one more fused pass
+    each); a softmax over the candidates is trained towards its own image."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.head = ScoreHead(config.encoder.hidden_size)
+
+    def match_scores(self, pooled: Tensor) -> Tensor:
+        return self.head(pooled).float()
+
+    def match_probability(self, pooled: Tensor) -> Tensor:
+        # A raw score: it only compares images for one caption (a softmax over them gives probabilities).
+        return self.match_scores(pooled)
+
+    def draw_negatives(self, step: PretrainingStep, num_images: int) -> Tensor:
+        """(N, K) negative images of each caption: K = min(``itm.contrastive_negatives``, images - 1) other
+        images of the batch, without replacement."""
+        count = min(self.config.itm.contrastive_negatives, num_images - 1)
+        if count < 1:
+            return step.image_index.new_zeros(step.image_index.shape[0], 0)
+        return torch.multinomial(self.negative_weights(step, num_images), count, replacement=False)
+
+    def forward(self, model: nn.Module, step: PretrainingStep) -> ObjectiveOutput:
+        negatives = self.draw_negatives(step, step.image_ids.shape[0])
+        num_texts, count = negatives.shape
+        scores = self.head(step.fused.pooled)[:, None]
+        if count:
+            rows = torch.arange(num_texts, device=negatives.device).repeat_interleave(count)
+            token_types = step.token_type_ids[rows] if step.token_type_ids is not None else None
+            negative_out = model(input_ids=step.text_ids[rows], attention_mask=step.attention_mask[rows],
+                                 token_type_ids=token_types, grid=step.grid, image_index=negatives.flatten(),
+                                 masked_cells=step.masked_cells)
+            scores = torch.cat([scores, self.head(negative_out.pooled).view(num_texts, count)], dim=1)
+        candidates = torch.cat([step.image_index[:, None], negatives], dim=1)
+        # Another copy of the caption's own image (same image id) is no negative.
+        valid = step.image_ids[candidates] != step.image_ids[step.image_index][:, None]
+        valid[:, 0] = True
+        loss = contrastive_itm_loss(scores, valid)
+        if self.training:
+            loss = loss * rank_share(num_texts, loss.device)
+        metrics = {"itm_acc": ranked_first(scores.detach(), valid), "chance_itm_acc": ranked_first_chance(valid)}
+        return ObjectiveOutput(loss=loss, metrics=metrics)
