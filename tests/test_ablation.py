@@ -30,7 +30,7 @@ def sweep(tmp_path_factory):
     (root / "pretrain.yaml").write_text(yaml.safe_dump(base))
     finetune = {"task": "retrieval", "data": {"train_shards": str(root / "train"), "captions_per_image": 2,
                                              "shuffle_buffer": 4, "num_workers": 0, "max_skip_fraction": 0.2},
-                "retrieval": {"itc": False}, "optim": {"warmup_steps": 1},
+                "retrieval": {"objectives": {"itm": 1.0}}, "optim": {"warmup_steps": 1},
                 "train": {"max_steps": 2, "batch_size": 4, "eval_batch_size": 8, "log_every": 1}}
     (root / "finetune.yaml").write_text(yaml.safe_dump(finetune))
     spec = {"pretrain_config": str(root / "pretrain.yaml"),
@@ -74,7 +74,7 @@ def test_sweep_runs_every_variant_and_seed_tabulates_and_resumes(sweep, tmp_path
         saved = json.loads((tmp_path / "out" / variant / f"seed_{seed}" / "results.json").read_text())
         assert saved["metrics"] == record["metrics"]
         assert (tmp_path / "out" / variant / f"seed_{seed}" / "pretrain" / "pretrained" / "config.json").is_file()
-        assert record["pretrain"]["step"] == 2
+        assert record["pretrain"]["steps"] == 2
     contrastive = runs[("itm_contrastive", 0)]["metrics"]
     # 4 images of 2 captions per batch: 2 negatives each, so ITM picks among 3 candidates.
     assert contrastive["pretrain/chance_itm_acc"] == pytest.approx(1 / 3)
@@ -110,7 +110,7 @@ def test_sweep_runs_every_variant_and_seed_tabulates_and_resumes(sweep, tmp_path
                                                                      for s in (0, 1)])[0])
 
     # A second call trains nothing: the CLI prints the same table from the finished runs.
-    monkeypatch.setattr(ablation_module, "pretrain", lambda config: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(ablation_module, "train", lambda config: pytest.fail("a finished run was trained again"))
     spec = importlib.util.spec_from_file_location("ablate_tool", ROOT / "tools" / "ablate.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
@@ -134,7 +134,7 @@ def test_fine_tuned_retrieval_is_scored_on_the_zero_shot_split(sweep, tmp_path):
     # Contrastive ITM: fine-tuning and both evaluations go through its score head.
     ablation.variants = {"merged": ablation.variants["itm_contrastive"]}
     result = run_ablation(ablation, tmp_path / "out")
-    assert result.runs[0]["pretrain"]["eval"]["chance_itm_acc"] == pytest.approx(1 / 3)
+    assert result.runs[0]["pretrain"]["splits"]["val"]["metrics"]["chance_itm_acc"] == pytest.approx(1 / 3)
     metrics = result.runs[0]["metrics"]
     assert metrics["finetuned/chance/rsum"] == metrics["zero_shot/chance/rsum"]
     assert result.runs[0]["finetune"]["steps"] == 2

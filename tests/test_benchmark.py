@@ -11,7 +11,7 @@ from soho.data.synthetic import SyntheticWorldConfig, generate_world
 from soho.models.soho import SohoForPretraining
 from soho.processing import ImageTransformConfig, SohoProcessor
 from soho.tokenizer import load_tokenizer
-from soho.train.config import PretrainConfig
+from soho.tasks import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = {"min_size": 32, "max_size": 32, "size_divisor": 8}

@@ -89,12 +89,13 @@ def test_yaml_file(tmp_path):
 @pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parents[1] / "configs").glob("*/*.yaml")
                                         if p.parent.name in ("pretrain", "finetune")))
 def test_shipped_configs_validate(path):
-    from soho.train.config import FinetuneConfig, PretrainConfig
-    config = load_config(PretrainConfig if "/pretrain/" in path else FinetuneConfig, path)
+    from soho.tasks import load_run_config
+    config = load_run_config(path, default_task="pretraining")
     assert config.train.output_dir.startswith("runs/")
+    assert (config.task == "pretraining") == ("/pretrain/" in path)
 
 
 def test_nested_check_names_the_key_from_the_root_once():
-    from soho.train.config import PretrainConfig
+    from soho.tasks import PretrainConfig
     with pytest.raises(ConfigError, match=r"^model\.encoder\.hidden_size \(30\) must be divisible"):
         from_dict(PretrainConfig, {"model": {"encoder": {"hidden_size": 30, "num_attention_heads": 4}}})

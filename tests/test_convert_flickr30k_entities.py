@@ -8,7 +8,7 @@ from convert_fixtures import read_split, write_corrupt_image, write_image
 
 from soho.data.convert import WriteOptions, convert
 from soho.data.convert.flickr30k_entities import flickr30k_entities_conversion, parse_annotation, parse_sentence
-from soho.data.pretraining import decode_captioned_image
+from soho.data.samples import decode_captioned_image
 
 ROOT = Path(__file__).resolve().parents[1]
 

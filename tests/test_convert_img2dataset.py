@@ -8,7 +8,8 @@ from convert_fixtures import read_split, write_corrupt_image, write_image
 
 from soho.data.convert import convert
 from soho.data.convert.img2dataset import convert_img2dataset
-from soho.data.pretraining import PretrainingDataConfig, PretrainingDataset, decode_captioned_image
+from soho.data.pretraining import PretrainingDataConfig, PretrainingDataset
+from soho.data.samples import decode_captioned_image
 from soho.processing import ImageTransformConfig
 from soho.tokenizer import train_wordpiece_tokenizer
 

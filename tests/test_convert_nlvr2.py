@@ -7,7 +7,10 @@ from convert_fixtures import read_split, write_corrupt_image, write_image, write
 
 from soho.data.convert import convert
 from soho.data.convert.nlvr2 import convert_nlvr2
-from soho.data.tasks import TaskDataset, decode_nlvr2
+from soho.data.tasks import TaskDataset, class_targets
+from soho.tasks.nlvr2 import NLVR2Task
+
+decode_nlvr2 = NLVR2Task.decode
 from soho.processing import ImageTransformConfig
 from soho.tokenizer import train_wordpiece_tokenizer
 
@@ -93,7 +96,8 @@ def test_converts_official_files_and_lists_every_planted_problem(tmp_path):
 
     tokenizer = train_wordpiece_tokenizer(
         [json.loads(s["json"])["sentence"] for s in train.values()] * 3, tmp_path / "tokenizer", vocab_size=120)
-    batches = list(TaskDataset("nlvr2", str(tmp_path / "out" / "nlvr2_dev"), tokenizer, IMAGE, 16, 4, train=False))
+    batches = list(TaskDataset(str(tmp_path / "out" / "nlvr2_dev"), decode_nlvr2, tokenizer, IMAGE, 16, 4, train=False,
+                               targets=class_targets))
     assert [b["example_ids"] for b in batches] == [["dev-850-0-1", "dev-850-0-0"]]
     assert batches[0]["labels"].tolist() == [1, 0] and batches[0]["pixel_values"].shape[0] == 4
 

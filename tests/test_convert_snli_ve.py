@@ -7,7 +7,11 @@ from convert_fixtures import read_split, write_corrupt_image, write_image, write
 
 from soho.data.convert import convert
 from soho.data.convert.snli_ve import LABELS, convert_snli_ve
-from soho.data.tasks import VE_LABELS, TaskDataset, decode_ve
+from soho.data.tasks import TaskDataset, class_targets
+from soho.tasks.ve import VisualEntailmentTask
+
+VE_LABELS = VisualEntailmentTask.labels
+decode_ve = VisualEntailmentTask.decode
 from soho.processing import ImageTransformConfig
 from soho.tokenizer import train_wordpiece_tokenizer
 
@@ -91,7 +95,8 @@ def test_converts_official_files_and_lists_every_planted_problem(tmp_path):
 
     tokenizer = train_wordpiece_tokenizer(
         [json.loads(s["json"])["hypothesis"] for s in train.values()] * 3, tmp_path / "tokenizer", vocab_size=120)
-    batches = list(TaskDataset("ve", str(tmp_path / "out" / "ve_dev"), tokenizer, IMAGE, 16, 4, train=False))
+    batches = list(TaskDataset(str(tmp_path / "out" / "ve_dev"), decode_ve, tokenizer, IMAGE, 16, 4, train=False,
+                               targets=class_targets))
     assert [b["example_ids"] for b in batches] == [
         ["1000092795.jpg#0r1e", "1000092795.jpg#0r1n", "1000092795.jpg#0r1c"]]
     assert batches[0]["labels"].tolist() == [0, 1, 2] and batches[0]["pixel_values"].shape[0] == 3

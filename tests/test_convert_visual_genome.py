@@ -8,14 +8,8 @@ from convert_fixtures import read_split, write_corrupt_image, write_image
 from soho.config import from_dict
 from soho.data.convert import WriteOptions, convert
 from soho.data.convert.visual_genome import clip_box, first_entry, visual_genome_conversion
-from soho.data.pretraining import (
-    PretrainingDataConfig,
-    PretrainingDataset,
-    decode_captioned_image,
-    decode_image,
-    decode_json,
-    stable_id,
-)
+from soho.data.pretraining import PretrainingDataConfig, PretrainingDataset
+from soho.data.samples import decode_captioned_image, decode_image, decode_json, stable_id
 from soho.tokenizer import load_tokenizer, train_wordpiece_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data_scripts"))

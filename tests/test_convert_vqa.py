@@ -1,3 +1,4 @@
+import functools
 import json
 import sys
 from pathlib import Path
@@ -7,7 +8,10 @@ from convert_fixtures import read_split, write_corrupt_image, write_image
 
 from soho.data.convert import convert
 from soho.data.convert.vqa import convert_vqa
-from soho.data.tasks import TaskDataset, decode_vqa
+from soho.data.tasks import TaskDataset
+from soho.tasks.vqa import VQATask, soft_score_targets
+
+decode_vqa = VQATask.decode
 from soho.eval.vqa import AnswerVocabulary
 from soho.processing import ImageTransformConfig
 from soho.tokenizer import train_wordpiece_tokenizer
@@ -151,8 +155,8 @@ def test_converts_every_split_lists_planted_problems_and_loads(tmp_path):
 
     tokenizer = train_wordpiece_tokenizer([q for s in train for q in [json.loads(s["json"])["question"]]],
                                           tmp_path / "tokenizer", vocab_size=120)
-    batches = list(TaskDataset("vqa", str(out / "vqa_val"), tokenizer, IMAGE, 16, 4, train=False,
-                               answer_vocabulary=vocabulary))
+    batches = list(TaskDataset(str(out / "vqa_val"), decode_vqa, tokenizer, IMAGE, 16, 4, train=False,
+                               targets=functools.partial(soft_score_targets, vocabulary)))
     assert sum(b["samples"] for b in batches) == 5 and not any(b["skipped"] for b in batches)
     rows = {i: (b, row) for b in batches for row, i in enumerate(b["example_ids"])}
     assert sorted(rows) == ["136000", "136001", "42000", "42001", "73000"]

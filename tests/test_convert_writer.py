@@ -8,7 +8,7 @@ from convert_fixtures import read_split, write_corrupt_image, write_image
 from PIL import Image
 
 from soho.data.convert import Conversion, Problem, Sample, TarMember, WriteOptions, convert, safe_key
-from soho.data.pretraining import decode_captioned_image
+from soho.data.samples import decode_captioned_image
 
 
 def _samples(tmp_path, count=5):

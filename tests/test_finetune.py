@@ -1,3 +1,4 @@
+import functools
 import importlib.util
 import io
 import itertools
@@ -13,18 +14,20 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from soho.config import ConfigError, load_config, to_dict
+from soho.config import ConfigError, to_dict
 from soho.data.synthetic import SyntheticWorldConfig, generate_world
-from soho.data.tasks import TaskDataset
-from soho.eval.tasks import classification_metrics, evaluate_classification
+from soho.data.tasks import TaskDataset, class_targets
+from soho.eval.tasks import accuracy_metrics, vqa_metrics
 from soho.eval.vqa import AnswerVocabulary
 from soho.models.pretrained import read_config
 from soho.models.soho import SohoForPretraining
 from soho.models.tasks import SohoForNLVR2, SohoForVisualEntailment, SohoForVQA, vqa_loss
 from soho.processing import ImageTransformConfig, SohoProcessor
+from soho.tasks import TASKS, load_run_config
+from soho.tasks.ve import VisualEntailmentTask
+from soho.tasks.vqa import VQATask, load_answer_vocabulary, soft_score_targets
 from soho.tokenizer import load_tokenizer
-from soho.train.config import FinetuneConfig
-from soho.train.finetune import answer_vocabulary, finetune
+from soho.train.trainer import flat_scalars, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = {"pretrain": 8, "retrieval_train": 12, "retrieval_val": 6, "nlvr2_train": 16, "nlvr2_val": 6,
@@ -49,7 +52,7 @@ def world(tmp_path_factory):
 def run_config(world, task, output_dir, **overrides):
     overrides = {"train.max_steps": 4, "train.batch_size": 4, "train.eval_batch_size": 4, "train.log_every": 2,
                  "data.num_workers": 0, "data.shuffle_buffer": 4, "optim.warmup_steps": 1, **overrides}
-    return load_config(FinetuneConfig, ROOT / "configs" / "finetune" / f"{task}_synthetic.yaml", [
+    return load_run_config(ROOT / "configs" / "finetune" / f"{task}_synthetic.yaml", [
         f"init.checkpoint={world / 'pretrained'}", f"data.train_shards={world / 'data' / f'{task}_train'}",
         f"data.eval_shards={{val: {world / 'data' / f'{task}_val'}}}", f"train.output_dir={output_dir}",
         *[f"{key}={value}" for key, value in overrides.items()]])
@@ -57,7 +60,7 @@ def run_config(world, task, output_dir, **overrides):
 
 def test_every_shipped_finetune_config_validates():
     for path in sorted((ROOT / "configs" / "finetune").glob("*.yaml")):
-        config = load_config(FinetuneConfig, path)
+        config = load_run_config(path)
         assert path.stem.startswith(config.task), path
 
 
@@ -65,8 +68,9 @@ def test_task_batches(world):
     processor = SohoProcessor.from_pretrained(world / "pretrained")
     vocabulary = AnswerVocabulary(["yes", "no", "2", "red"])
     for task, images_per_text in (("nlvr2", 2), ("ve", 1), ("vqa", 1)):
-        dataset = TaskDataset(task, str(world / "data" / f"{task}_val"), processor.tokenizer, IMAGE, 40, 4,
-                              train=False, answer_vocabulary=vocabulary)
+        targets = functools.partial(soft_score_targets, vocabulary) if task == "vqa" else class_targets
+        dataset = TaskDataset(str(world / "data" / f"{task}_val"), TASKS[task].decode, processor.tokenizer, IMAGE,
+                              40, 4, train=False, targets=targets)
         batches = list(dataset)
         assert sum(b["samples"] for b in batches) == SPLITS[f"{task}_val"]
         batch = batches[0]
@@ -103,7 +107,8 @@ def test_broken_task_samples_are_skipped_and_counted(world, tmp_path):
         add("bad3.jpg", b"not an image")
         add("bad3.json", json.dumps(record).encode())
     processor = SohoProcessor.from_pretrained(world / "pretrained")
-    batches = list(TaskDataset("ve", str(shard), processor.tokenizer, IMAGE, 40, 8, train=False))
+    batches = list(TaskDataset(str(shard), VisualEntailmentTask.decode, processor.tokenizer, IMAGE, 40, 8,
+                               train=False))
     assert [b["samples"] for b in batches] == [1]
     assert batches[0]["skipped"] == {"bad_record": 1, "missing_image": 1, "corrupt_image": 1}
 
@@ -172,10 +177,10 @@ def test_classification_metrics_by_hand():
                    {"id": "b", "prediction": "true", "label": "false"},
                    {"id": "c", "prediction": "false", "label": "false"},
                    {"id": "d", "prediction": "false", "label": "false"}]
-    assert classification_metrics("nlvr2", predictions) == {"accuracy": 75.0, "chance_accuracy": 75.0}
+    assert accuracy_metrics(predictions) == {"accuracy": 75.0, "chance_accuracy": 75.0}
     vqa = [{"id": "q1", "prediction": "two", "answers": ["2"] * 10, "answer_type": "number"},
            {"id": "q2", "prediction": "yes", "answers": ["yes"] * 2 + ["no"] * 8, "answer_type": "yes/no"}]
-    metrics = classification_metrics("vqa", vqa)
+    metrics = vqa_metrics(vqa)
     # q1: "two" normalises to "2", all 10 agree -> 1; q2: 2 of 10 say yes -> 0.6.
     assert metrics["vqa_accuracy"] == pytest.approx(80.0)
     assert metrics["vqa_accuracy_number"] == pytest.approx(100.0)
@@ -187,7 +192,7 @@ def test_classification_metrics_by_hand():
 @pytest.mark.parametrize("task", ["ve", "nlvr2", "vqa", "retrieval"])
 def test_finetune_writes_results_predictions_and_a_loadable_model(world, tmp_path, task):
     overrides = {"retrieval.protocols": "[itc, itc_itm, itm_all]", "retrieval.k": 3} if task == "retrieval" else {}
-    results = finetune(run_config(world, task, tmp_path / task, **overrides))
+    results = train(run_config(world, task, tmp_path / task, **overrides))
     assert results["steps"] == 4 and results["init"] == str(world / "pretrained")
     metrics = results["splits"]["val"]["metrics"]
     predictions = [json.loads(line) for line in (tmp_path / task / "predictions_val.jsonl").open()]
@@ -204,18 +209,16 @@ def test_finetune_writes_results_predictions_and_a_loadable_model(world, tmp_pat
     cls = {"ve": SohoForVisualEntailment, "nlvr2": SohoForNLVR2, "vqa": SohoForVQA}[task]
     model = cls.from_pretrained(tmp_path / task / "model")
     processor = SohoProcessor.from_pretrained(tmp_path / task / "model")
-    vocabulary = AnswerVocabulary(model.config.labels) if task == "vqa" else None
-    again = evaluate_classification(model, task, str(world / "data" / f"{task}_val"), processor, 3,
-                                    answer_vocabulary=vocabulary)
+    again = TASKS[task].evaluate_model(model, processor, str(world / "data" / f"{task}_val"), 3, accelerator=None)
     assert again.metrics == pytest.approx(metrics)
     assert [p["prediction"] for p in again.predictions] == [p["prediction"] for p in predictions]
 
 
 def test_from_scratch_keeps_the_architecture_but_not_the_weights(world, tmp_path):
-    from soho.train.finetune import build_model
-
-    config = run_config(world, "ve", tmp_path, **{"init.from_scratch": "true"})
-    scratch = build_model(config, ["entailment", "neutral", "contradiction"])
+    task = VisualEntailmentTask(run_config(world, "ve", tmp_path, **{"init.from_scratch": "true"}))
+    task.setup(accelerator=None)
+    scratch = task.build_model()
+    assert scratch.config.labels == ["entailment", "neutral", "contradiction"]
     pretrained = SohoForPretraining.from_pretrained(world / "pretrained")
     assert to_dict(scratch.config.encoder) == to_dict(pretrained.config.encoder)
     assert not torch.equal(scratch.soho.encoder.layers[0].attention.query.weight,
@@ -223,16 +226,18 @@ def test_from_scratch_keeps_the_architecture_but_not_the_weights(world, tmp_path
 
 
 def test_retrieval_itc_needs_an_itc_checkpoint(world, tmp_path):
-    from soho.config import ConfigError
-    from soho.train.finetune import model_config
-
     config = run_config(world, "retrieval", tmp_path, **{"init.model_overrides": "['itc.enabled=false']"})
     with pytest.raises(ConfigError, match="no ITC heads"):
-        model_config(config, [])
+        TASKS["retrieval"](config).setup(accelerator=None)
+    # ITM alone needs no ITC heads; the objectives it leaves out (MLM, MVM, ITC) weigh 0.
+    task = TASKS["retrieval"](run_config(world, "retrieval", tmp_path, **{
+        "init.model_overrides": "['itc.enabled=false']", "retrieval.objectives": "{itm: 1.0}"}))
+    task.setup(accelerator=None)
+    assert task.architecture.loss_weights == {"itc": 0.0, "itm": 1.0, "mlm": 0.0, "mvm": 0.0}
 
 
 def test_two_process_evaluation_equals_one_process(world, tmp_path):
-    finetune(run_config(world, "vqa", tmp_path / "run"))
+    train(run_config(world, "vqa", tmp_path / "run"))
     outputs = {}
     for processes in (1, 2):
         output = tmp_path / f"eval{processes}"
@@ -302,8 +307,9 @@ def test_questions_without_answers_are_read_for_prediction_only(world, tmp_path)
     tokenizer = SohoProcessor.from_pretrained(world / "pretrained").tokenizer
     vocabulary = AnswerVocabulary(["yes", "no"])
 
-    def dataset(shards, task="vqa", **kwargs):
-        return TaskDataset(task, shards, tokenizer, IMAGE, 40, 4, answer_vocabulary=vocabulary, **kwargs)
+    def dataset(shards, labelled=True, **kwargs):
+        return TaskDataset(shards, lambda sample: VQATask.decode(sample, labelled), tokenizer, IMAGE, 40, 4,
+                           targets=functools.partial(soft_score_targets, vocabulary) if labelled else None, **kwargs)
 
     # Training on labelled and unlabelled questions together: the unlabelled ones stay counted skips.
     mixed = dataset([str(world / "data" / "vqa_val"), str(tmp_path / "unlabelled.tar")], train=True, shuffle_buffer=4)
@@ -318,17 +324,12 @@ def test_questions_without_answers_are_read_for_prediction_only(world, tmp_path)
     ids = sorted(example_id for batch in unlabelled for example_id in batch["example_ids"])
     assert ids == sorted(q["question_id"] for q in questions)
     assert all("labels" not in batch and not batch["skipped"] for batch in unlabelled)
-    with pytest.raises(ValueError, match="only VQA evaluation"):
-        dataset(str(tmp_path / "unlabelled.tar"), train=True, labelled=False)
-    with pytest.raises(ValueError, match="only VQA evaluation"):
-        dataset(str(world / "data" / "ve_val"), task="ve", train=False, labelled=False)
 
 
 def test_vqa_with_a_vocabulary_file_writes_a_submission_for_unlabelled_questions(world, tmp_path):
     vocabulary = AnswerVocabulary(["yes", "no", "2", "red", "circle"])
     vocabulary.save(tmp_path / "answer_vocabulary.json")
-    finetune(run_config(world, "vqa", tmp_path / "run",
-                        **{"data.answer_vocabulary": tmp_path / "answer_vocabulary.json"}))
+    train(run_config(world, "vqa", tmp_path / "run", **{"data.answer_vocabulary": tmp_path / "answer_vocabulary.json"}))
     model = tmp_path / "run" / "model"
     assert read_config(model).labels == vocabulary.answers
 
@@ -356,10 +357,10 @@ def test_answer_vocabulary_file_is_checked_before_training(world, tmp_path):
 
     with pytest.raises(ConfigError, match="data.answer_min_count=2 .* data.answer_vocabulary="):
         config(**{"data.answer_min_count": 2})
-    with pytest.raises(ConfigError, match="data.answer_vocabulary is for task vqa"):
+    with pytest.raises(ConfigError, match="unknown config key.* data.answer_vocabulary"):
         config("ve")
     with pytest.raises(ConfigError, match=f"data.answer_vocabulary: answer vocabulary {re.escape(str(path))}: no such"):
-        finetune(config())
+        train(config())
     assert not (tmp_path / "run").exists(), "nothing is written before the vocabulary is read"
     for content, message in (("{answers", "not valid JSON"), ('{"answers": []}', "lists no answers"),
                              ('{"answers": ["Yes"]}', "must be normalised"),
@@ -367,9 +368,9 @@ def test_answer_vocabulary_file_is_checked_before_training(world, tmp_path):
                                                                    "data.answer_vocabulary_size=2")):
         path.write_text(content)
         with pytest.raises(ConfigError, match=f"data.answer_vocabulary: .*{re.escape(str(path))}.*{message}"):
-            answer_vocabulary(config(**{"data.answer_vocabulary_size": 2}))
+            load_answer_vocabulary(config(**{"data.answer_vocabulary_size": 2}).data)
     path.write_text('{"answers": ["yes", "no"]}')
-    assert answer_vocabulary(config(**{"data.answer_vocabulary_size": 2})).answers == ["yes", "no"]
+    assert load_answer_vocabulary(config(**{"data.answer_vocabulary_size": 2}).data).answers == ["yes", "no"]
 
 
 def test_retrieval_evaluation_in_bf16_reports_its_precision_and_agrees_with_float32(world, tmp_path):
@@ -388,14 +389,12 @@ def test_retrieval_evaluation_in_bf16_reports_its_precision_and_agrees_with_floa
 
 
 def test_flat_scalars_name_nested_metrics_by_path():
-    from soho.train.finetune import flat_scalars
-
     record = {"loss": 0.5, "eval": {"val": {"accuracy": 70.0, "chance_accuracy": 33.3}}, "final": True, "note": "x"}
     assert flat_scalars(record) == {"loss": 0.5, "eval/val/accuracy": 70.0, "eval/val/chance_accuracy": 33.3}
 
 
 def test_finetune_trackers_write_tensorboard_and_offline_wandb(world, tmp_path, offline_trackers):
-    results = finetune(run_config(world, "ve", tmp_path / "tracked", **{"train.trackers": "[tensorboard, wandb]"}))
+    results = train(run_config(world, "ve", tmp_path / "tracked", **{"train.trackers": "[tensorboard, wandb]"}))
     assert results["steps"] == 4
     assert list((tmp_path / "tracked").rglob("events.out.tfevents.*")), "no TensorBoard event file"
     offline_runs = list(offline_trackers.glob("offline-run-*"))
@@ -407,14 +406,14 @@ def test_resume_reproduces_the_uninterrupted_fine_tuning(world, tmp_path, task):
     settings = {"train.log_every": 1, "train.save_every": 1, "train.keep_last": 3}
     if task == "retrieval":
         settings["retrieval.protocols"] = "[itc]"
-    full = finetune(run_config(world, task, tmp_path / "full", **settings))
+    full = train(run_config(world, task, tmp_path / "full", **settings))
     losses = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "full" / "metrics.jsonl").open())
               if "loss" in r}
     # keep_last 3: the checkpoints of steps 2 to 4 are left, each with the model exported.
     assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["step_2", "step_3", "step_4"]
     assert (tmp_path / "full" / "checkpoints" / "step_2" / "model" / "model.safetensors").is_file()
 
-    resumed = finetune(run_config(world, task, tmp_path / "resumed",
+    resumed = train(run_config(world, task, tmp_path / "resumed",
                                   **{**settings, "train.resume": str(tmp_path / "full" / "checkpoints" / "step_2")}))
     again = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "resumed" / "metrics.jsonl").open())
              if "loss" in r}

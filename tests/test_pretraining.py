@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 
 from soho.config import from_dict, to_dict
-from soho.data.pretraining import PretrainingDataConfig, PretrainingDataset, pretraining_loader
+from soho.data.pretraining import PretrainingDataConfig, PretrainingDataset
+from soho.data.stream import stream_loader
 from soho.tokenizer import train_wordpiece_tokenizer
-from soho.train.config import PretrainConfig
-from soho.train.pretrain import pretrain
+from soho.tasks import PretrainConfig
+from soho.train.trainer import train
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 30)}
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,11 +83,12 @@ def run_config(world, output_dir, **train):
                          "intermediate_size": 64, "max_position_embeddings": 16, "hidden_dropout_prob": 0.0,
                          "attention_probs_dropout_prob": 0.0},
              "visual_dictionary": {"size": 16, "init": "data"}, "mvm": {"probability": 0.5}}
-    values = {"model": model, "data": to_dict(data_config(world, max_skip_fraction=0.2)),
+    values = {"model": model,
+              "data": to_dict(data_config(world, max_skip_fraction=0.2, eval_shards={"val": str(world / "val")})),
               "optim": {"warmup_steps": 2, "schedule": "cosine", "backbone": {"name": "adamw", "lr": 1e-3},
                         "rest": {"lr": 1e-3}},
               "train": {"output_dir": str(output_dir), "max_steps": 6, "batch_size": 4, "log_every": 1,
-                        "save_every": 3, "eval_shards": str(world / "val"), "eval_batches": 2, **train}}
+                        "save_every": 3, "eval_batches": 2, **train}}
     return from_dict(PretrainConfig, values)
 
 
@@ -130,9 +132,13 @@ def test_two_ranks_two_workers_see_every_image_once(world):
     for rank in range(2):
         dataset = PretrainingDataset(data_config(world), tokenizer_of(world), batch_size=3, rank=rank,
                                      world_size=2, repeat=False)
-        for batch in pretraining_loader(dataset, num_workers=2):
+        for batch in stream_loader(dataset, 2, dataset.seed):
             ids += batch["image_ids"].tolist()
     assert len(ids) == len(set(ids)) == 48
+
+
+def held_out(results):
+    return results["splits"]["val"]["metrics"]
 
 
 def read_metrics(path):
@@ -141,10 +147,10 @@ def read_metrics(path):
 
 def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
     # BatchNorm statistics freeze after step 2: a resumed run must freeze them again.
-    full = pretrain(run_config(world, tmp_path / "full", freeze_backbone_norm_at=2))
-    assert full["step"] == 6
+    full = train(run_config(world, tmp_path / "full", freeze_backbone_norm_at=2))
+    assert full["steps"] == 6 and full["task"] == "pretraining"
     for name in ("itm_acc", "mlm_acc", "mvm_acc"):
-        assert 0 <= full["eval"]["chance_" + name] <= 1 and 0 <= full["eval"][name] <= 1
+        assert 0 <= held_out(full)["chance_" + name] <= 1 and 0 <= held_out(full)[name] <= 1
     steps = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full") if "loss" in r}
     checkpoint = tmp_path / "full" / "checkpoints" / "step_3"
     assert (checkpoint / "pretrained" / "model.safetensors").is_file()
@@ -160,7 +166,7 @@ def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
                                tmp_path / "full" / "pretrained" / "model.safetensors")]
     assert statistics[0] and all(torch.equal(statistics[0][k], statistics[1][k]) for k in statistics[0])
     resumed_dir = tmp_path / "resumed"
-    pretrain(run_config(world, resumed_dir, resume=str(checkpoint), freeze_backbone_norm_at=2))
+    train(run_config(world, resumed_dir, resume=str(checkpoint), freeze_backbone_norm_at=2))
     resumed = {r["step"]: r["loss"] for r in read_metrics(resumed_dir) if "loss" in r}
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
@@ -171,8 +177,8 @@ def test_short_run_lowers_the_loss(world, tmp_path):
     # Held-out losses on the same batches with the same masks, after 1 and after 100 steps.
     # (Training losses over batches of 4 images are too noisy to compare; MVM targets move
     # with the dictionary.)
-    before = pretrain(run_config(world, tmp_path / "one", max_steps=1, save_every=1000, eval_batches=4))["eval"]
-    after = pretrain(run_config(world, tmp_path / "run", max_steps=100, save_every=1000, eval_batches=4))["eval"]
+    before = held_out(train(run_config(world, tmp_path / "one", max_steps=1, save_every=1000, eval_batches=4)))
+    after = held_out(train(run_config(world, tmp_path / "run", max_steps=100, save_every=1000, eval_batches=4)))
     assert after["mlm"] < 0.8 * before["mlm"], (before, after)
     assert after["itm"] + after["mlm"] < before["itm"] + before["mlm"]
 
@@ -181,7 +187,7 @@ def test_too_many_skips_stop_the_run(world, tmp_path):
     config = run_config(world, tmp_path / "strict", max_steps=40, save_every=100)
     config.data.max_skip_fraction = 0.01
     with pytest.raises(RuntimeError, match="max_skip_fraction"):
-        pretrain(config)
+        train(config)
 
 
 def test_two_process_accelerate_launch(world, tmp_path):
@@ -198,7 +204,7 @@ def test_two_process_accelerate_launch(world, tmp_path):
     records = read_metrics(tmp_path / "ddp")
     assert records[-1]["final"] and records[-1]["step"] == 3
     # Both ranks evaluated their half of the held-out split and the means were merged.
-    assert records[-1]["eval"]["batches"] == 2 * 2 and "chance_mvm_acc" in records[-1]["eval"]
+    assert records[-1]["eval"]["val"]["batches"] == 2 * 2 and "chance_mvm_acc" in records[-1]["eval"]["val"]
     assert (tmp_path / "ddp" / "checkpoints" / "step_3" / "data_state_rank1.json").is_file()
 
 
@@ -209,10 +215,10 @@ def test_trackers_and_bf16_autocast_on_cpu(world, tmp_path, offline_trackers):
     config = run_config(world, tmp_path / "tracked", max_steps=2, save_every=100, mixed_precision="bf16",
                         trackers=["tensorboard", "wandb"])
     try:
-        final = pretrain(config)
+        final = held_out(train(config))
     finally:
         AcceleratorState._reset_state()
-    assert math.isfinite(final["eval"]["mlm"]) and math.isfinite(final["eval"]["itm"])
+    assert math.isfinite(final["mlm"]) and math.isfinite(final["itm"])
     assert list((tmp_path / "tracked").rglob("events.out.tfevents.*")), "no TensorBoard event file"
     offline_runs = list(offline_trackers.glob("offline-run-*"))
     assert offline_runs and list(offline_runs[0].glob("*.wandb")), "no offline wandb run"

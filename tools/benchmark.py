@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soho.config import load_config  # noqa: E402
 from soho.models.soho import SohoForPretraining  # noqa: E402
-from soho.train.config import PretrainConfig  # noqa: E402
+from soho.tasks import PretrainConfig  # noqa: E402
 
 
 def parameter_counts(model: SohoForPretraining) -> dict:

@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,84 +35,36 @@ from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from soho.data.tasks import CLASSIFICATION_TASKS  # noqa: E402
-from soho.eval.retrieval import PROTOCOLS  # noqa: E402
-from soho.eval.tasks import SplitEvaluation, evaluate_classification, evaluate_retrieval, write_jsonl  # noqa: E402
-from soho.eval.vqa import AnswerVocabulary, submission  # noqa: E402
-from soho.models.soho import SohoForPretraining  # noqa: E402
-from soho.models.tasks import TASK_MODELS  # noqa: E402
-from soho.processing import SohoProcessor  # noqa: E402
-
-
-def write_submission(path: Path, result: SplitEvaluation) -> dict:
-    """The VQA evaluation server's results file of an unlabelled split; returns what results.json says of it."""
-    entries = submission({p["id"]: p["prediction"] for p in result.predictions})
-    path.write_text(json.dumps(entries))
-    if result.skipped:
-        # The server rejects a results file that does not answer every question of the split.
-        logging.warning("%d questions were skipped and are missing from %s", sum(result.skipped.values()), path)
-    return {"path": str(path), "questions": len(entries)}
+from soho.tasks import TASKS, Task  # noqa: E402
 
 
 def evaluate(args) -> dict:
     accelerator = Accelerator(cpu=args.device == "cpu" or not torch.cuda.is_available())
-    processor = SohoProcessor.from_pretrained(args.checkpoint)
-    start = time.perf_counter()
-    if args.task == "retrieval":
-        model = SohoForPretraining.from_pretrained(args.checkpoint).to(accelerator.device).eval()
-        result = evaluate_retrieval(model, args.shards, processor, args.protocols, args.k, args.itc_weight,
-                                    args.batch_size, args.fusion_batch_size, args.max_images,
-                                    args.mixed_precision, accelerator)
-    else:
-        model = TASK_MODELS[args.task].from_pretrained(args.checkpoint).to(accelerator.device).eval()
-        vocabulary = AnswerVocabulary(model.config.labels) if args.task == "vqa" else None
-        result = evaluate_classification(model, args.task, args.shards, processor, args.batch_size, accelerator,
-                                         vocabulary, labelled=not args.predict_only)
-    results = {}
+    output = Path(args.output)
     if accelerator.is_main_process:
-        results = {"task": args.task, "checkpoint": str(args.checkpoint), "shards": args.shards,
-                   "metrics": result.metrics, "skipped": result.skipped,
-                   "cost": {**result.cost, "seconds": time.perf_counter() - start,
-                            "processes": accelerator.num_processes},
-                   "arguments": vars(args)}
-        output = Path(args.output)
         output.mkdir(parents=True, exist_ok=True)
-        if args.predict_only:
-            results["submission"] = write_submission(output / "submission.json", result)
-        write_jsonl(output / "predictions.jsonl", result.predictions)
+    results = TASKS[args.task].evaluate_checkpoint(args, accelerator, output)
+    if accelerator.is_main_process:
+        results = {"task": args.task, "checkpoint": str(args.checkpoint), "shards": args.shards, **results,
+                   "arguments": vars(args)}
         (output / "results.json").write_text(json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
-    return results
+    return results if accelerator.is_main_process else {}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.set_defaults(predict_only=False)
     tasks = parser.add_subparsers(dest="task", required=True)
-    for task in ("retrieval",) + CLASSIFICATION_TASKS:
-        sub = tasks.add_parser(task, help=f"{task} evaluation")
+    for name, task in TASKS.items():
+        if task.evaluate_checkpoint.__func__ is Task.evaluate_checkpoint.__func__:
+            continue  # no evaluation of a saved model on one split (pre-training)
+        sub = tasks.add_parser(name, help=f"{name} evaluation")
         sub.add_argument("--checkpoint", required=True, help="a save_pretrained directory (with its processor)")
-        sub.add_argument("--shards", default=f"data/synthetic/{task}_test")
+        sub.add_argument("--shards", default=f"data/synthetic/{name}_test")
         sub.add_argument("--batch-size", type=int, default=64, help="examples (images, captions) per batch")
         sub.add_argument("--device", default=None, help="cpu to stay off an available GPU")
-        sub.add_argument("--output", default=f"runs/evaluate/{task}")
-        if task == "retrieval":
-            sub.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=["itc", "itc_itm"])
-            sub.add_argument("--k", type=int, default=16, help="itc_itm shortlist size (default: %(default)s)")
-            sub.add_argument("--itc-weight", type=float, default=0.0,
-                             help="add this multiple of the ITC cosine to the ITM margin in itc_itm")
-            sub.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
-            sub.add_argument("--fusion-batch-size", type=int, default=512, help="pairs per fusion pass")
-            sub.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
-                             help="autocast the fusion passes (bf16: ~2.5x faster fusion on a CPU "
-                                  "with AVX-512 BF16; scores stay float32)")
-        if task == "vqa":
-            sub.add_argument("--predict-only", action="store_true",
-                             help="for splits whose answers are withheld (VQA v2 test-dev, test): predict every "
-                                  "question, with or without answers, and write <output>/submission.json, "
-                                  '[{"question_id": int, "answer": str}, ...] for the official evaluation server '
-                                  "(question ids must be integers); no accuracy. Without it, questions without "
-                                  "answers are skipped as bad_record")
+        sub.add_argument("--output", default=f"runs/evaluate/{name}")
+        task.add_evaluate_arguments(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     results = evaluate(args)

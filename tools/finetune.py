@@ -1,4 +1,5 @@
-"""Fine-tune a soho checkpoint on retrieval, NLVR2, visual entailment or VQA, then evaluate it:
+"""Fine-tune a soho checkpoint on any registered task (retrieval, NLVR2, visual entailment, VQA, ...), then
+evaluate it:
 
     accelerate launch tools/finetune.py --config configs/finetune/ve_synthetic.yaml
     accelerate launch tools/finetune.py --config configs/finetune/vqa_synthetic.yaml init.from_scratch=true \\
@@ -17,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from soho.config import ConfigError, load_config  # noqa: E402
-from soho.train.config import FinetuneConfig  # noqa: E402
-from soho.train.finetune import finetune  # noqa: E402
+from soho.config import ConfigError  # noqa: E402
+from soho.tasks import load_run_config  # noqa: E402
+from soho.train.trainer import train  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -28,12 +29,12 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 init.from_scratch=1")
     args = parser.parse_args(argv)
     try:
-        config = load_config(FinetuneConfig, args.config, args.overrides)
+        config = load_run_config(args.config, args.overrides)
     except ConfigError as error:
         parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        results = finetune(config)
+        results = train(config)
     except ConfigError as error:  # raised while setting up (e.g. data.answer_vocabulary), before any step
         parser.error(str(error))
     print(json.dumps({"task": results["task"], "steps": results["steps"],

@@ -13,9 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from soho.config import ConfigError, load_config  # noqa: E402
-from soho.train.config import PretrainConfig  # noqa: E402
-from soho.train.pretrain import pretrain  # noqa: E402
+from soho.config import ConfigError  # noqa: E402
+from soho.tasks import load_run_config  # noqa: E402
+from soho.train.trainer import train  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "synthetic.yaml"
 
@@ -28,12 +28,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     try:
-        config = load_config(PretrainConfig, args.config, overrides)
+        config = load_run_config(args.config, overrides, default_task="pretraining")
     except ConfigError as error:
         parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    final = pretrain(config)
-    print(json.dumps(final, indent=2))
+    try:
+        results = train(config)
+    except ConfigError as error:  # raised while setting up (tokenizer, checkpoint), before any step
+        parser.error(str(error))
+    print(json.dumps({"task": results["task"], "steps": results["steps"],
+                      **{name: split["metrics"] for name, split in results["splits"].items()}}, indent=2))
     return 0
 
 

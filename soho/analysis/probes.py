@@ -34,7 +34,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from soho.analysis.capture import Capture, capture
-from soho.data.pretraining import SampleError, decode_image, decode_json, record_captions
+from soho.data.samples import SampleError, decode_image, decode_json, record_captions
 from soho.data.shards import SkipCounter, expand_urls, stream_samples
 from soho.data.synthetic import RELATION_WORDS, SHAPE_WORDS, _plural, box_centre
 from soho.models.soho import SohoModel

@@ -13,8 +13,9 @@ import torch
 
 from soho.benchmark.step import BareTrainer, model_inputs, time_steps, to_device
 from soho.benchmark.timing import median, synchronize
-from soho.data.pretraining import PretrainingDataset, pretraining_loader
-from soho.train.config import PretrainConfig
+from soho.data.pretraining import PretrainingDataset
+from soho.data.stream import stream_loader
+from soho.tasks import PretrainConfig
 
 
 def loader_throughput(dataset: PretrainingDataset, workers: int, batches: int, warmup: int,
@@ -28,7 +29,7 @@ def loader_throughput(dataset: PretrainingDataset, workers: int, batches: int, w
     the steps after the loader's prefetched batches are used up).
     """
     start = time.perf_counter()
-    iterator = iter(pretraining_loader(dataset, workers))
+    iterator = iter(stream_loader(dataset, workers, dataset.seed))
     next(iterator)
     first_batch = time.perf_counter() - start
     for _ in range(warmup):

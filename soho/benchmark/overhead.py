@@ -1,12 +1,12 @@
-"""What the training framework costs: soho.train.pretrain's per-batch path against a bare PyTorch loop.
+"""What the training framework costs: the trainer's per-batch path against a bare PyTorch loop.
 
 Both train copies of one freshly initialised model, with the same optimizers and schedulers
 (soho/train/optim.py), on the same batches already in memory (on the device), for the same
-steps. The framework side is :class:`soho.train.pretrain.TrainingLoop` as ``pretrain`` drives
-it: Accelerate's prepare, accumulate, autocast, backward and gradient clipping, the metrics
-window (losses read back as floats every step, a JSON record every ``train.log_every``), the
-data-state bookkeeping, and the per-step ``max_minutes`` agreement; evaluation and checkpoints,
-which run every few hundred steps, are left out. The bare side is :class:`BareTrainer`.
+steps. The framework side is :meth:`soho.train.trainer.Trainer.train_batch` as ``Trainer.fit`` drives
+it: Accelerate's prepare, accumulate, autocast, backward and gradient clipping, the task's step,
+the metrics window (a JSON record every ``train.log_every``), the data-state bookkeeping, and the
+per-step ``max_minutes`` agreement; evaluation and checkpoints, which run every few hundred steps,
+are left out. The bare side is :class:`BareTrainer`.
 
 The loops alternate step by step, each starting from the same random seed, so they see the same
 ITM negatives and MVM masks (their losses agree, ``max_loss_difference``) and share whatever
@@ -15,9 +15,9 @@ load the machine is under.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tempfile
 import time
-from pathlib import Path
 from typing import Dict, Sequence
 
 import torch
@@ -25,34 +25,31 @@ import torch
 from soho.benchmark.step import BareTrainer, model_inputs, to_device
 from soho.benchmark.timing import median, synchronize
 from soho.models.soho import SohoForPretraining
-from soho.train.config import PretrainConfig
-from soho.train.optim import build_optimizers
-from soho.train.pretrain import MetricWriter, TrainingLoop, build_accelerator
+from soho.tasks.pretraining import PretrainConfig
+from soho.train.trainer import Trainer
 
 
 def framework_overhead(config: PretrainConfig, batches: Sequence[Dict], steps: int, warmup: int) -> Dict:
     """Median step of each loop over ``steps`` steps after ``warmup``, and the framework's overhead in percent."""
-    accelerator = build_accelerator(config)
-    device = accelerator.device
-    torch.manual_seed(config.train.seed)
-    model = SohoForPretraining(config.model)
-    framework_model = copy.deepcopy(model)
-    bare = BareTrainer(config, device, model)
-    optimizers, schedulers = build_optimizers(framework_model, config.optim, config.train.max_steps)
-    framework_model, *prepared = accelerator.prepare(framework_model, *optimizers, *schedulers)
-    framework_model.train()
-    batches = [to_device(batch, device) for batch in batches]
-    inputs = [model_inputs(batch) for batch in batches]
-    seconds = {"bare": [], "framework": []}
-    losses = {"bare": [], "framework": []}
     with tempfile.TemporaryDirectory() as output_dir:
-        loop = TrainingLoop(accelerator, framework_model, prepared[:len(optimizers)], prepared[len(optimizers):],
-                            config, MetricWriter(Path(output_dir) / "metrics.jsonl", accelerator.is_main_process))
+        config = dataclasses.replace(config, synthetic_root=None,
+                                     train=dataclasses.replace(config.train, output_dir=output_dir, resume=None))
+        trainer = Trainer(config)
+        device = trainer.accelerator.device
+        torch.manual_seed(config.train.seed)
+        model = SohoForPretraining(config.model)
+        bare = BareTrainer(config, device, model)
+        trainer.setup(model=copy.deepcopy(model))
+        trainer.model.train()
+        batches = [to_device(batch, device) for batch in batches]
+        inputs = [model_inputs(batch) for batch in batches]
+        seconds = {"bare": [], "framework": []}
+        losses = {"bare": [], "framework": []}
 
         def framework_step(i: int) -> float:
-            loop.train_batch(batches[i % len(batches)])
-            loop.out_of_time()
-            return loop.last_values["loss"]
+            trainer.train_batch(batches[i % len(batches)])
+            trainer.out_of_time()
+            return trainer.last_output.loss.detach()
 
         def bare_step(i: int) -> torch.Tensor:
             return bare.step(inputs[i % len(inputs)])

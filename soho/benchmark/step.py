@@ -18,9 +18,8 @@ from soho.benchmark.timing import PeakMemory, StageTimer, median, synchronize
 from soho.config import ConfigError
 from soho.data.pretraining import PretrainingDataConfig, PretrainingDataset
 from soho.models.soho import SohoForPretraining
-from soho.train.config import PretrainConfig
+from soho.tasks.pretraining import PRETRAINING_INPUTS, PretrainConfig
 from soho.train.optim import build_optimizers
-from soho.train.pretrain import TENSOR_KEYS
 
 Phase = Callable[[str], ContextManager]
 
@@ -42,11 +41,11 @@ def read_batches(data: PretrainingDataConfig, tokenizer, batch_size: int, count:
 
 def to_device(batch: Dict, device: torch.device) -> Dict:
     """The batch with its tensors on ``device``; the stream bookkeeping (worker, position, skips) is kept."""
-    return {**batch, **{k: batch[k].to(device) for k in TENSOR_KEYS if k in batch}}
+    return {**batch, **{k: batch[k].to(device) for k in PRETRAINING_INPUTS if k in batch}}
 
 
 def model_inputs(batch: Dict) -> Dict[str, Tensor]:
-    return {k: batch[k] for k in TENSOR_KEYS if k in batch}
+    return {k: batch[k] for k in PRETRAINING_INPUTS if k in batch}
 
 
 def _no_phase(name: str) -> ContextManager:

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from soho.data.pretraining import SampleError, decode_captioned_image
+from soho.data.samples import SampleError, decode_captioned_image
 from soho.data.shards import SkipCounter, expand_urls, stream_samples
 from soho.processing import SohoProcessor
 

@@ -1,9 +1,10 @@
-"""Evaluating fine-tuned models on a split: NLVR2 / VE accuracy, VQA soft accuracy, retrieval recall.
+"""Evaluating models on a split: class predictions and their accuracy (NLVR2, VE), VQA accuracy,
+retrieval recall.
 
 Classification splits are evaluated in parallel: every rank reads its own disjoint slice
 of the shards (no example padded or repeated), and the predictions of all ranks are
 gathered before a single metric is computed, so any number of processes gives the same
-numbers. Retrieval runs on the main process (the gallery must be whole to rank it).
+numbers. Retrieval shares its fusion passes across processes (:mod:`soho.eval.retrieval`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from accelerate.utils import gather_object
@@ -20,7 +21,7 @@ from accelerate.utils import gather_object
 from soho.data.retrieval import read_retrieval_split
 from soho.data.tasks import TaskDataset
 from soho.eval.retrieval import chance_recall, encode_gallery, retrieve
-from soho.eval.vqa import AnswerVocabulary, normalize_answer, vqa_accuracy, vqa_score
+from soho.eval.vqa import normalize_answer, vqa_accuracy, vqa_score
 from soho.processing import SohoProcessor
 
 logger = logging.getLogger(__name__)
@@ -41,14 +42,20 @@ def _majority_share(values: Sequence[Any]) -> float:
     return 100.0 * Counter(values).most_common(1)[0][1] / len(values)
 
 
-def classification_metrics(task: str, predictions: List[Dict[str, Any]]) -> Dict[str, float]:
-    """Accuracy (NLVR2, VE) or VQA soft accuracy, overall and per answer type, with chance levels."""
+def accuracy_metrics(predictions: List[Dict[str, Any]]) -> Dict[str, float]:
+    """Accuracy of ``prediction`` against ``label`` (class names), with the majority class as chance."""
     if not predictions:
         raise ValueError("no predictions to score: the split was empty or every sample was skipped")
-    if task != "vqa":
-        correct = [p["prediction"] == p["label"] for p in predictions]
-        return {"accuracy": 100.0 * sum(correct) / len(correct),
-                "chance_accuracy": _majority_share([p["label"] for p in predictions])}
+    correct = [p["prediction"] == p["label"] for p in predictions]
+    return {"accuracy": 100.0 * sum(correct) / len(correct),
+            "chance_accuracy": _majority_share([p["label"] for p in predictions])}
+
+
+def vqa_metrics(predictions: List[Dict[str, Any]]) -> Dict[str, float]:
+    """VQA accuracy of ``prediction`` against the annotators' ``answers``, overall and per ``answer_type``,
+    with the best single answer for every question as chance."""
+    if not predictions:
+        raise ValueError("no predictions to score: the split was empty or every sample was skipped")
     answers = {p["id"]: p["answers"] for p in predictions}
     metrics = {"vqa_accuracy": vqa_accuracy({p["id"]: p["prediction"] for p in predictions}, answers)}
     by_type: Dict[str, List[float]] = {}
@@ -65,23 +72,16 @@ def classification_metrics(task: str, predictions: List[Dict[str, Any]]) -> Dict
 
 
 @torch.no_grad()
-def evaluate_classification(model, task: str, shards: Union[str, List[str]], processor: SohoProcessor,
-                            batch_size: int = 64, accelerator=None,
-                            answer_vocabulary: Optional[AnswerVocabulary] = None,
-                            labelled: bool = True) -> SplitEvaluation:
-    """Predict every example of a NLVR2 / VE / VQA split and score the predictions.
+def predict_classes(model, dataset: TaskDataset, accelerator=None,
+                    describe: Callable[[Any], Dict[str, Any]] = lambda target: {}) -> SplitEvaluation:
+    """Predict the class name (``model.config.labels``) of every example of a one-pass ``dataset``.
 
-    ``model`` is an unwrapped task model (see :mod:`soho.models.tasks`) on this process's
-    device. With an ``accelerator``, each process evaluates its slice and every process
-    returns the metrics of the whole split. ``labelled=False`` (VQA only) predicts a split
-    whose answers are withheld: every question is predicted, nothing is scored (no metrics).
+    ``model`` is an unwrapped classification model (:mod:`soho.models.tasks`) on this process's device and
+    ``dataset`` this process's slice; with an ``accelerator`` the predictions of all processes are
+    gathered, so every process returns the whole split. Each prediction is ``{"id", "prediction", **info,
+    **describe(target)}``; metrics are left to the caller.
     """
-    rank = accelerator.process_index if accelerator is not None else 0
-    world_size = accelerator.num_processes if accelerator is not None else 1
     device = next(model.parameters()).device
-    dataset = TaskDataset(task, shards, processor.tokenizer, processor.image_config, processor.max_text_length,
-                          batch_size, train=False, rank=rank, world_size=world_size,
-                          answer_vocabulary=answer_vocabulary, labelled=labelled)
     was_training = model.training
     model.eval()
     labels = model.config.labels
@@ -91,33 +91,26 @@ def evaluate_classification(model, task: str, shards: Union[str, List[str]], pro
         skipped.update(batch["skipped"])
         if not batch["samples"]:
             continue
-        inputs = {name: batch[name].to(device) for name in MODEL_INPUTS}
-        logits = model.logits(**inputs)
+        logits = model.logits(**{name: batch[name].to(device) for name in MODEL_INPUTS})
         for example_id, target, info, index in zip(batch["example_ids"], batch["targets"], batch["info"],
                                                    logits.argmax(-1).tolist()):
-            record = {"id": example_id, "prediction": labels[index], **info}
-            if labelled and task == "vqa":
-                record["answers"] = target
-            elif labelled:
-                record["label"] = labels[target]
-            predictions.append(record)
+            predictions.append({"id": example_id, "prediction": labels[index], **info, **describe(target)})
     model.train(was_training)
-    if world_size > 1:
+    if accelerator is not None and accelerator.num_processes > 1:
         predictions = gather_object(predictions)
         skipped = sum((Counter(s) for s in gather_object([dict(skipped)])), Counter())
     ids = [p["id"] for p in predictions]
     if len(set(ids)) != len(ids):
         duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
-        raise ValueError(f"{len(duplicates)} example ids occur more than once in {shards!r} "
+        raise ValueError(f"{len(duplicates)} example ids occur more than once in {dataset.urls[:3]} "
                          f"(e.g. {duplicates[:3]}); ids must be unique for the metrics to count each once")
     predictions.sort(key=lambda p: p["id"])
     if skipped:
-        logger.warning("skipped %d samples of %s: %s", sum(skipped.values()), shards, dict(skipped))
+        logger.warning("skipped %d samples of %s: %s", sum(skipped.values()), dataset.urls[:3], dict(skipped))
     if not predictions:
-        raise ValueError(f"no predictions for {shards!r}: the split is empty or every sample was skipped "
+        raise ValueError(f"no predictions for {dataset.urls[:3]}: the split is empty or every sample was skipped "
                          f"({dict(skipped)})")
-    return SplitEvaluation(metrics=classification_metrics(task, predictions) if labelled else {},
-                           predictions=predictions, skipped=dict(skipped))
+    return SplitEvaluation(metrics={}, predictions=predictions, skipped=dict(skipped))
 
 
 @torch.no_grad()

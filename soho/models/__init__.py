@@ -10,11 +10,11 @@ from soho.models.config import (
 )
 from soho.models.pretrained import SohoPreTrainedModel, read_config
 from soho.models.soho import PretrainingOutput, SohoForPretraining, SohoModel, SohoOutput, VisualGrid
-from soho.models.tasks import TASK_MODELS, ClassificationOutput, SohoForNLVR2, SohoForVisualEntailment, SohoForVQA
+from soho.models.tasks import ClassificationOutput, SohoForNLVR2, SohoForVisualEntailment, SohoForVQA
 
 __all__ = [
     "AttentionConfig", "BackboneConfig", "EncoderConfig", "ITCConfig", "ITMConfig", "MVMConfig",
     "SohoConfig", "VisualDictionaryConfig", "SohoPreTrainedModel", "read_config", "PretrainingOutput",
-    "SohoForPretraining", "SohoModel", "SohoOutput", "VisualGrid", "TASK_MODELS", "ClassificationOutput",
+    "SohoForPretraining", "SohoModel", "SohoOutput", "VisualGrid", "ClassificationOutput",
     "SohoForNLVR2", "SohoForVisualEntailment", "SohoForVQA",
 ]

@@ -118,5 +118,3 @@ class SohoForVQA(_PooledClassifier):
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         return vqa_loss(logits, labels)
 
-
-TASK_MODELS = {"nlvr2": SohoForNLVR2, "ve": SohoForVisualEntailment, "vqa": SohoForVQA}

@@ -12,7 +12,7 @@ A sweep file names variants by their dotted overrides of one pre-training config
 
 Every (variant, seed) run pre-trains under ``<out>/<variant>/seed_<seed>/pretrain``, is evaluated
 zero-shot on one retrieval split (:func:`soho.eval.tasks.evaluate_retrieval`) and, optionally, fine-tuned
-for retrieval (:func:`soho.train.finetune.finetune`) and evaluated again on the same split. A finished run
+for retrieval (:func:`soho.train.trainer.train`) and evaluated again on the same split. A finished run
 leaves ``results.json`` in its directory and is not run again; the sweep then writes ``results.json``,
 ``results.csv`` and ``table.md`` (mean ± sample standard deviation over seeds) under ``<out>``.
 """
@@ -30,13 +30,12 @@ from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import torch
 
-from soho.config import ConfigError, apply_overrides, from_dict, load_config, load_yaml, to_dict
+from soho.config import ConfigError, load_config, to_dict
 from soho.eval.tasks import evaluate_retrieval
 from soho.models.soho import SohoForPretraining
 from soho.processing import SohoProcessor
-from soho.train.config import FinetuneConfig, PretrainConfig
-from soho.train.finetune import finetune
-from soho.train.pretrain import pretrain
+from soho.tasks import PretrainConfig, RetrievalConfig, load_run_config
+from soho.train.trainer import train
 
 logger = logging.getLogger(__name__)
 
@@ -114,14 +113,19 @@ def pretrain_overrides(ablation: AblationConfig, variant: str, seed: int, run_di
 
 
 def pretrain_config(ablation: AblationConfig, variant: str, seed: int, run_dir: Path) -> PretrainConfig:
-    return load_config(PretrainConfig, ablation.pretrain_config, pretrain_overrides(ablation, variant, seed, run_dir))
+    config = load_run_config(ablation.pretrain_config, pretrain_overrides(ablation, variant, seed, run_dir),
+                             default_task="pretraining")
+    if not isinstance(config, PretrainConfig):
+        raise ConfigError(f"pretrain_config: {ablation.pretrain_config} is a {config.task} config; the sweep "
+                          "pre-trains")
+    return config
 
 
-def finetune_config(ablation: AblationConfig, seed: int, run_dir: Path) -> FinetuneConfig:
+def finetune_config(ablation: AblationConfig, seed: int, run_dir: Path) -> RetrievalConfig:
     """The stage's config, started from the run's pre-trained export and scored on the zero-shot split."""
     evaluation = ablation.evaluation
-    data = apply_overrides(load_yaml(ablation.finetune.config), ablation.finetune.overrides)
-    data = apply_overrides(data, [
+    config = load_run_config(ablation.finetune.config, [
+        *ablation.finetune.overrides,
         f"init.checkpoint={json.dumps(str(run_dir / 'pretrain' / 'pretrained'))}",
         f"train.seed={seed}",
         f"train.output_dir={json.dumps(str(run_dir / 'finetune'))}",
@@ -130,8 +134,7 @@ def finetune_config(ablation: AblationConfig, seed: int, run_dir: Path) -> Finet
         f"retrieval.k={evaluation.k}",
         f"retrieval.max_eval_images={json.dumps(evaluation.max_images)}",
     ])
-    config = from_dict(FinetuneConfig, data)
-    if config.task != "retrieval":
+    if not isinstance(config, RetrievalConfig):
         raise ConfigError(f"finetune.config: {ablation.finetune.config} is a {config.task} config; the sweep "
                           "fine-tunes retrieval")
     return config
@@ -160,15 +163,17 @@ def run_one(ablation: AblationConfig, variant: str, seed: int, run_dir: Path) ->
     """Pre-train, evaluate zero-shot and (optionally) fine-tune one run; returns its record (also written
     to ``run_dir/results.json``). A pre-training interrupted earlier resumes from its last checkpoint."""
     started = time.perf_counter()
-    final = pretrain(pretrain_config(ablation, variant, seed, run_dir))
+    pretrained = train(pretrain_config(ablation, variant, seed, run_dir))
     evaluated = zero_shot(run_dir / "pretrain" / "pretrained", ablation.evaluation)
-    metrics = {f"pretrain/{k}": v for k, v in final.get("eval", {}).items()}
+    held_out = next(iter(pretrained["splits"].values()), {}).get("metrics", {})
+    metrics = {f"pretrain/{k}": v for k, v in held_out.items()}
     metrics.update({f"model/parameters_{k}": v for k, v in evaluated["parameters"].items()})
     metrics.update({f"zero_shot/{k}": v for k, v in evaluated["metrics"].items()})
     record: Dict[str, Any] = {**run_spec(ablation, variant, seed), "metrics": metrics,
-                              "pretrain": final, "zero_shot": evaluated}
+                              "pretrain": {k: v for k, v in pretrained.items() if k != "config"},
+                              "zero_shot": evaluated}
     if ablation.finetune.enabled:
-        results = finetune(finetune_config(ablation, seed, run_dir))
+        results = train(finetune_config(ablation, seed, run_dir))
         metrics.update({f"finetuned/{k}": v for k, v in results["splits"]["test"]["metrics"].items()})
         record["finetune"] = {"steps": results["steps"], "train_seconds": results["train_seconds"],
                               "cost": results["splits"]["test"]["cost"]}

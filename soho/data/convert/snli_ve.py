@@ -25,7 +25,8 @@ from soho.data.convert.writer import Conversion, Problem, Sample, safe_key
 
 SPLITS = ("train", "dev", "test")
 LABELS = ("entailment", "neutral", "contradiction")
-"""SNLI's gold labels, as ``soho.data.tasks.VE_LABELS`` reads them (not imported: it would pull in torch)."""
+"""SNLI's gold labels, as ``soho.tasks.ve.VisualEntailmentTask.labels`` reads them (not imported: it would pull
+in torch)."""
 IMAGE_FIELDS = ("Flikr30kID", "Flickr30K_ID")
 """The premise image: the released files' (misspelt) key, then the newer generator's."""
 
