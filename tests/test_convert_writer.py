@@ -1,4 +1,5 @@
 import importlib
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -8,6 +9,7 @@ from convert_fixtures import read_split, write_corrupt_image, write_image
 from PIL import Image
 
 from soho.data.convert import Conversion, Problem, Sample, TarMember, WriteOptions, convert, safe_key
+from soho.data.convert.writer import EncodedImage
 from soho.data.samples import decode_captioned_image
 
 
@@ -97,6 +99,22 @@ def test_pair_slots_and_tar_members(tmp_path):
     sample = read_split(tmp_path / "out", "n")[0]
     assert sample["left.png"] == left.read_bytes() and sample["right.jpg"] == (tmp_path / "r.jpg").read_bytes()
     assert "width" not in json.loads(sample["json"])
+
+
+def test_encoded_images_are_stored_as_given_and_their_records_left_alone(tmp_path):
+    data = write_image(tmp_path / "a.png", format="PNG").read_bytes()
+    record = {"captions": ["x"], "box": [0, 0, 48, 32]}
+    right = write_image(tmp_path / "r.jpg")
+    items = [Sample("a", record, {"": EncodedImage(data, "png")}),
+             Sample("p", {"sentence": "s"}, {"left": EncodedImage(data, "png"), "right": right})]
+    manifest = convert(Conversion("test", {"s": items}, {"s": "image_text"}), tmp_path / "out",
+                       options=WriteOptions(max_short_side=16))
+    single, pair = read_split(tmp_path / "out", "s")
+    assert single["png"] == data and json.loads(single["json"]) == record  # not resized, no width/height added
+    assert pair["left.png"] == data and Image.open(io.BytesIO(pair["right.jpg"])).size == (24, 16)  # files still are
+    assert manifest["splits"]["s"]["images"] == 3
+    with pytest.raises(ValueError, match="extension"):
+        EncodedImage(data, "bmp")
 
 
 def test_resume_keeps_finished_shards_and_rewrites_changed_ones(tmp_path):

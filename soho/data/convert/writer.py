@@ -4,7 +4,8 @@ A converter turns a dataset's own files into a plan: per split, a stream of
 ``Sample`` (one output sample: its key, JSON record and image files) and ``Problem``
 (an input record that cannot become a sample, with the reason). ``convert`` cuts
 every split into shards of ``shard_size`` planned samples, writes them in worker
-processes (each image opened, checked and optionally resized on the way), and writes
+processes (each image file opened, checked and optionally resized on the way; an
+``EncodedImage`` already in memory is stored as it is), and writes
 ``manifest.json``: counts per split, every dropped record with its reason, and the
 sha256 of every shard.
 
@@ -49,7 +50,22 @@ class TarMember:
     size: int
 
 
-ImageRef = Union[str, Path, TarMember]
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image already encoded in memory in a format the readers take, e.g. one a generator has
+    just drawn (``soho/data/synthetic/samples.py``).
+
+    Stored byte for byte whatever the ``WriteOptions``: it is neither decoded nor resized, and
+    the record, written by whoever encoded the image, is left as it is."""
+    data: bytes = field(repr=False)
+    extension: str
+
+    def __post_init__(self):
+        if self.extension not in STORED_FORMATS.values():
+            raise ValueError(f"extension must be one of {', '.join(STORED_FORMATS.values())}, got {self.extension!r}")
+
+
+ImageRef = Union[str, Path, TarMember, EncodedImage]
 
 
 @dataclass
@@ -57,9 +73,10 @@ class Sample:
     """One output sample.
 
     ``images`` maps a slot to its file: slot ``""`` is stored as ``<key>.<ext>``, any other
-    slot as ``<key>.<slot>.<ext>`` (NLVR2's ``left`` / ``right``). The writer sets ``width``
-    and ``height`` of the stored ``""`` image in the record, and rescales every ``box``
-    (``[x0, y0, x1, y1]`` in pixels) anywhere in the record when it resizes that image.
+    slot as ``<key>.<slot>.<ext>`` (NLVR2's ``left`` / ``right``). For a ``""`` image read from
+    a file (a path or a ``TarMember``), the writer sets ``width`` and ``height`` of the stored image in the record, and
+    rescales every ``box`` (``[x0, y0, x1, y1]`` in pixels) anywhere in the record when it
+    resizes that image.
     """
     key: str
     record: Dict[str, Any]
@@ -235,13 +252,16 @@ def write_shard(job: ShardJob) -> Dict[str, Any]:
                 record = dict(sample.record)
                 try:
                     for slot, ref in sample.images.items():
-                        data, extension, (width, height), scale = prepare_image(
-                            read_image_bytes(ref), job.options, name=str(ref))
+                        if isinstance(ref, EncodedImage):
+                            data, extension = ref.data, ref.extension
+                        else:
+                            data, extension, (width, height), scale = prepare_image(
+                                read_image_bytes(ref), job.options, name=str(ref))
+                            if not slot:
+                                record["width"], record["height"] = width, height
+                                if scale != (1.0, 1.0):
+                                    record = scale_boxes(record, scale)
                         members[f"{slot}.{extension}" if slot else extension] = data
-                        if not slot:
-                            record["width"], record["height"] = width, height
-                            if scale != (1.0, 1.0):
-                                record = scale_boxes(record, scale)
                 except ImageProblem as problem:
                     problems.append(Problem(sample.key, problem.reason, problem.detail, job.split))
                     continue
