@@ -170,6 +170,10 @@ class SohoForPretraining(SohoPreTrainedModel):
         self.objectives = build_objectives(config)
         for objective in self.objectives.values():
             objective.initialise(self.init_weights)
+            if not objective.active:
+                # No loss, no gradient: and under DDP every trainable parameter must get one in every step.
+                for parameter in objective.own_parameters(self.soho):
+                    parameter.requires_grad_(False)
         if config.encoder.pretrained_path:
             self.load_bert(config.encoder.pretrained_path)
 

@@ -65,6 +65,8 @@ class _PooledClassifier(SohoPreTrainedModel):
         self.head = MLPHead(hidden * self.images_per_text, hidden * 2, len(config.labels),
                             config.encoder.hidden_act, config.encoder.layer_norm_eps)
         self.head.apply(self.init_weights)
+        # Fine-tuning masks no cells; under DDP every trainable parameter must get a gradient in every step.
+        self.soho.visual_embeddings.mask_embedding.requires_grad_(False)
         if config.encoder.pretrained_path:
             self.load_bert(config.encoder.pretrained_path)
 

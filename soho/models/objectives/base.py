@@ -15,7 +15,7 @@ absent; 0 keeps its head but computes no loss).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, Optional, Type
+from typing import Any, Callable, ClassVar, Dict, Iterator, Optional, Type
 
 import torch
 from torch import Tensor, nn
@@ -103,6 +103,10 @@ class Objective(nn.Module):
     def active(self) -> bool:
         """Whether it contributes a loss (its head exists either way)."""
         return self.weight > 0
+
+    def own_parameters(self, model: nn.Module) -> Iterator[nn.Parameter]:
+        """The parameters only this objective's loss trains (``model``: the :class:`SohoModel`): its head."""
+        return self.parameters()
 
     def initialise(self, init_weights: Callable[[nn.Module], None]) -> None:
         """Initialise the head (``init_weights``: the model's BERT initialisation)."""

@@ -23,6 +23,11 @@ class ImageTextMatching(Objective):
     def build(cls, config) -> "ImageTextMatching":
         return (ContrastiveMatching if config.itm.loss == "contrastive" else ClassificationMatching)(config)
 
+    def own_parameters(self, model: nn.Module):
+        # In pre-training only ITM reads the pooled [CLS].
+        yield from self.parameters()
+        yield from model.pooler.parameters()
+
     def match_scores(self, pooled: Tensor) -> Tensor:
         """(N,) float scores that rank pairs by how well they match, from their pooled [CLS]."""
         raise NotImplementedError

@@ -30,6 +30,10 @@ class MaskedVisualModeling(Objective):
     def build(cls, config) -> Optional["MaskedVisualModeling"]:
         return cls(config) if config.use_visual_dictionary else None
 
+    def own_parameters(self, model: nn.Module):
+        yield from self.parameters()
+        yield model.visual_embeddings.mask_embedding
+
     def prepare(self, model: nn.Module, step: PretrainingStep) -> None:
         if self.active:
             step.masked_cells = sample_mvm_mask(step.grid.indices, step.grid.mask, self.config.mvm.probability,
