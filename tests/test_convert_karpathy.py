@@ -1,10 +1,9 @@
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 from convert_fixtures import read_split, write_corrupt_image, write_image
 
+from soho.cli.convert_flickr30k import main
 from soho.data.convert import convert
 from soho.data.convert.karpathy import (
     coco_karpathy_conversion,
@@ -17,7 +16,6 @@ from soho.data.retrieval import read_retrieval_split
 from soho.processing import ImageTransformConfig, SohoProcessor
 from soho.tokenizer import train_wordpiece_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 COCO_SPLITS = ["retrieval_train", "retrieval_restval", "retrieval_val", "retrieval_test", "pretrain"]
 
 # (split, cocoid, folder, number of captions, what the image file is)
@@ -158,13 +156,6 @@ def test_bad_entries_are_listed_once_and_bad_files_fail_early(coco, tmp_path):
         flickr30k_karpathy_conversion(karpathy_json, coco_root, splits=["retrieval_restval"])
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "data_scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_flickr30k_command_line_with_resize(tmp_path, capsys):
     images = []
     plan = [("train", "1000092795", "ok"), ("train", "10002456", "ok"), ("train", "1000268201", "missing"),
@@ -182,7 +173,7 @@ def test_flickr30k_command_line_with_resize(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"images\[0\] \(test\): 'filename' is 'thumbnail.jpg', not <flickr id>.jpg"):
         karpathy_image_splits(unnamed, "flickr30k")
     out = tmp_path / "flickr30k"
-    _load_script("convert_flickr30k").main([
+    main([
         "--karpathy-json", str(karpathy_json), "--images", str(tmp_path / "flickr30k-images"), "--out", str(out),
         "--workers", "1", "--max-short-side", "16"])
     assert "retrieval_train" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-import importlib.util
+import importlib
 import io
 import itertools
 import json
@@ -291,10 +291,7 @@ def write_unlabelled_vqa_shard(world, path):
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"soho_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"soho.cli.{name}")
 
 
 def test_questions_without_answers_are_read_for_prediction_only(world, tmp_path):
