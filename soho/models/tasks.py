@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.activations import ACT2FN
 
 from soho.models.config import SohoConfig
-from soho.models.encoder import ACTIVATIONS
 from soho.models.pretrained import SohoPreTrainedModel
 from soho.models.soho import SohoModel
 
@@ -34,7 +34,7 @@ class MLPHead(nn.Module):
                  layer_norm_eps: float = 1e-12):
         super().__init__()
         self.dense = nn.Linear(in_features, hidden_features)
-        self.activation = ACTIVATIONS[hidden_act]
+        self.activation = ACT2FN[hidden_act]
         self.norm = nn.LayerNorm(hidden_features, eps=layer_norm_eps)
         self.classifier = nn.Linear(hidden_features, num_classes)
 
