@@ -8,7 +8,6 @@ from soho.data.convert import convert
 from soho.data.convert.karpathy import (
     coco_karpathy_conversion,
     flickr30k_karpathy_conversion,
-    karpathy_coco_ids,
     karpathy_image_splits,
 )
 from soho.data.pretraining import PretrainingDataConfig, PretrainingDataset, decode_captioned_image
@@ -103,13 +102,13 @@ def test_coco_records_keep_raw_captions_and_eval_splits_keep_five(coco, tmp_path
 
 def test_pretrain_leaves_out_every_karpathy_val_and_test_image(coco, tmp_path):
     karpathy_json, _ = coco
-    assert karpathy_coco_ids(karpathy_json) == {391895, 522418, 184613, 318219}
-    assert karpathy_coco_ids(karpathy_json, splits=("restval",)) == {60623, 483108}
+    assert set(karpathy_image_splits(karpathy_json, "coco")) == {391895, 522418, 184613, 318219}
+    assert set(karpathy_image_splits(karpathy_json, "coco", ("restval",))) == {60623, 483108}
     with pytest.raises(ValueError, match="unknown or no Karpathy splits"):
-        karpathy_coco_ids(karpathy_json, splits=("testing",))
+        karpathy_image_splits(karpathy_json, "coco", ("testing",))
     convert(coco_karpathy_conversion(*coco, splits=["pretrain"]), tmp_path / "out")
     ids = {int(record["image_id"]) for record, _, _ in decoded_split(tmp_path / "out", "pretrain")}
-    assert ids and not ids & karpathy_coco_ids(karpathy_json)
+    assert ids and not ids & set(karpathy_image_splits(karpathy_json, "coco"))
 
 
 def test_shards_load_in_retrieval_and_pretraining(coco, tmp_path):
@@ -135,7 +134,7 @@ def test_bad_entries_are_listed_once_and_bad_files_fail_early(coco, tmp_path):
     data["images"].append({"filename": "x.jpg", "split": "extra", "sentences": []})
     karpathy_json.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"images\[4\] \(train\): 'cocoid' is None; it cannot be left out"):
-        karpathy_coco_ids(karpathy_json, splits=("train",))
+        karpathy_image_splits(karpathy_json, "coco", ("train",))
     manifest = convert(coco_karpathy_conversion(karpathy_json, coco_root), tmp_path / "out")
     assert sorted((p["split"], p["reason"]) for p in manifest["problems"] if p["reason"] == "bad_record") == [
         ("pretrain", "bad_record"), ("retrieval_train", "bad_record"), ("retrieval_train", "bad_record"),
