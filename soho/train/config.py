@@ -73,8 +73,8 @@ class TrainConfig:
     resume: Optional[str] = None
     """``auto`` (latest checkpoint in output_dir, if any) or a checkpoint directory."""
     trackers: List[Literal["tensorboard", "wandb"]] = field(default_factory=list)
-    eval_shards: Optional[str] = "data/synthetic/retrieval_val"
-    """Held-out image-caption shards evaluated at the end (and every ``eval_every`` steps)."""
+    eval_shards: Optional[str] = None
+    """Held-out image-caption shards evaluated at the end (and every ``eval_every`` steps); unset: none."""
     eval_every: int = 0
     eval_batches: int = 20
     freeze_backbone_norm_at: Optional[int] = None
@@ -100,10 +100,16 @@ class PretrainConfig:
     synthetic_root: Optional[str] = None
     """If set, the synthetic world is generated here first when it is missing."""
 
+    def __post_init__(self):
+        if self.data.shards is None:
+            raise ConfigError("data.shards is required: the image-caption shards to pre-train on")
+        if self.data.tokenizer is None:
+            raise ConfigError("data.tokenizer is required: the tokenizer directory for the captions")
+
 
 @dataclass
 class InitConfig:
-    checkpoint: str = "runs/synthetic/pretrained"
+    checkpoint: Optional[str] = None
     """A ``save_pretrained`` directory: the architecture, the processor and (unless
     ``from_scratch``) the weights to start from."""
     from_scratch: bool = False
@@ -114,9 +120,8 @@ class InitConfig:
 
 @dataclass
 class FinetuneDataConfig:
-    train_shards: str = "data/synthetic/ve_train"
-    eval_shards: Dict[str, str] = field(default_factory=lambda: {"val": "data/synthetic/ve_val",
-                                                                 "test": "data/synthetic/ve_test"})
+    train_shards: Optional[str] = None
+    eval_shards: Dict[str, str] = field(default_factory=dict)
     """Split name -> shards, each evaluated at the end (the first also every ``train.eval_every`` steps)."""
     max_text_length: Optional[int] = None
     """Default: the checkpoint processor's."""
@@ -135,6 +140,8 @@ class FinetuneDataConfig:
     """VQA only, without ``answer_vocabulary``: in how many training questions an answer must occur to be a class."""
 
     def __post_init__(self):
+        if self.train_shards is None:
+            raise ConfigError("data.train_shards is required")
         if not self.eval_shards:
             raise ConfigError("data.eval_shards needs at least one split to evaluate")
         if self.num_workers < 0 or self.shuffle_buffer < 0 or self.captions_per_image < 1:
@@ -204,5 +211,8 @@ class FinetuneConfig:
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
 
     def __post_init__(self):
+        if self.init.checkpoint is None:
+            raise ConfigError("init.checkpoint is required: the save_pretrained directory whose architecture and "
+                              "processor (and, unless init.from_scratch, weights) fine-tuning starts from")
         if self.data.answer_vocabulary is not None and self.task != "vqa":
             raise ConfigError(f"data.answer_vocabulary is for task vqa; task {self.task} has no answer classes")
