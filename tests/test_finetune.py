@@ -231,6 +231,7 @@ def test_retrieval_itc_needs_an_itc_checkpoint(world, tmp_path):
         model_config(config, [])
 
 
+@pytest.mark.slow
 def test_two_process_evaluation_equals_one_process(world, tmp_path):
     finetune(run_config(world, "vqa", tmp_path / "run"))
     outputs = {}
@@ -249,6 +250,7 @@ def test_two_process_evaluation_equals_one_process(world, tmp_path):
     assert outputs[2]["metrics"] == pytest.approx(outputs[1]["metrics"])
 
 
+@pytest.mark.slow
 def test_two_process_retrieval_shares_the_fusion_passes_and_equals_one_process(world, tmp_path):
     outputs = {}
     for processes in (1, 2):
@@ -321,6 +323,7 @@ def test_questions_without_answers_are_read_for_prediction_only(world, tmp_path)
         dataset(str(world / "data" / "ve_val"), task="ve", train=False, labelled=False)
 
 
+@pytest.mark.slow
 def test_vqa_with_a_vocabulary_file_writes_a_submission_for_unlabelled_questions(world, tmp_path):
     vocabulary = AnswerVocabulary(["yes", "no", "2", "red", "circle"])
     vocabulary.save(tmp_path / "answer_vocabulary.json")
@@ -399,7 +402,7 @@ def test_finetune_trackers_write_tensorboard_and_offline_wandb(world, tmp_path, 
     assert offline_runs and list(offline_runs[0].glob("*.wandb")), "no offline wandb run"
 
 
-@pytest.mark.parametrize("task", ["ve", "retrieval"])
+@pytest.mark.parametrize("task", ["ve", pytest.param("retrieval", marks=pytest.mark.slow)])
 def test_resume_reproduces_the_uninterrupted_fine_tuning(world, tmp_path, task):
     settings = {"train.log_every": 1, "train.save_every": 1, "train.keep_last": 3}
     if task == "retrieval":
