@@ -1,6 +1,6 @@
 """Fine-tuning models: NLVR2, visual entailment and VQA heads on the cross-modal [CLS].
 
-Heads follow the SOHO release (REFERENCE §1): an MLP hidden -> 2 x hidden -> classes on
+Heads follow the SOHO release: an MLP hidden -> 2 x hidden -> classes on
 the pooled [CLS]; NLVR2 in the "pair" setup, each image with the statement through the
 Transformer and the two pooled outputs concatenated; VQA scored against soft targets
 with binary cross-entropy. Retrieval fine-tunes :class:`SohoForPretraining`'s ITM (and
