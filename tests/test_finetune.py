@@ -323,7 +323,6 @@ def test_questions_without_answers_are_read_for_prediction_only(world, tmp_path)
         dataset(str(world / "data" / "ve_val"), task="ve", train=False, labelled=False)
 
 
-@pytest.mark.slow
 def test_vqa_with_a_vocabulary_file_writes_a_submission_for_unlabelled_questions(world, tmp_path):
     vocabulary = AnswerVocabulary(["yes", "no", "2", "red", "circle"])
     vocabulary.save(tmp_path / "answer_vocabulary.json")
@@ -402,7 +401,7 @@ def test_finetune_trackers_write_tensorboard_and_offline_wandb(world, tmp_path, 
     assert offline_runs and list(offline_runs[0].glob("*.wandb")), "no offline wandb run"
 
 
-@pytest.mark.parametrize("task", ["ve", pytest.param("retrieval", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("task", ["ve", "retrieval"])
 def test_resume_reproduces_the_uninterrupted_fine_tuning(world, tmp_path, task):
     settings = {"train.log_every": 1, "train.save_every": 1, "train.keep_last": 3}
     if task == "retrieval":
