@@ -1,32 +1,10 @@
-"""Convert SNLI-VE (official snli_ve_*.jsonl + Flickr30k images) to ve_{train,dev,test} shards.
+"""Convert SNLI-VE to soho shards.
 
-    # snli_ve_{train,dev,test}.jsonl: the download links in https://github.com/necla-ml/SNLI-VE
-    # flickr30k-images/: the Flickr30k images (request form at https://shannon.cs.illinois.edu/DenotationGraph/)
-    python data_scripts/convert_snli_ve.py --annotations /data/snli_ve --images /data/flickr30k-images \\
-        --out data/snli_ve
-
-Every hypothesis is one sample with its premise image: the full set takes about 18 times the
-disk of the image folder (see docs/DATA.md); --max-short-side shrinks it.
+The ``soho-convert-snli-ve`` command as a script (the code is in soho/cli/convert_snli_ve.py).
 """
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from soho.data.convert.snli_ve import SPLITS, convert_snli_ve  # noqa: E402
-from soho.data.convert.writer import command_line  # noqa: E402
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--annotations", required=True, help="folder with snli_ve_train.jsonl, _dev.jsonl, _test.jsonl")
-    parser.add_argument("--images", required=True, help="the Flickr30k images folder (flickr30k-images/)")
-    parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="default: %(default)s")
-    return command_line(parser, lambda args: convert_snli_ve(args.annotations, args.images, args.splits), argv)
-
+from soho.cli.convert_snli_ve import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,15 @@
+import os
+
 import pytest
 import torch
 
 from soho.config import from_dict
 from soho.models.config import SohoConfig
+
+# The tests' tensors are tiny: a second thread gains nothing, and two per process oversubscribe a shared
+# 2-core machine (CI, other jobs), which runs the suite several times slower. Launched processes inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 VOCAB = 60
 

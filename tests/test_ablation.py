@@ -1,5 +1,4 @@
 import csv
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -9,6 +8,7 @@ import yaml
 from test_pretraining import COLOURS, run_config, write_world
 
 import soho.train.ablation as ablation_module
+from soho.cli.ablate import main as ablate
 from soho.config import ConfigError, to_dict
 from soho.models.soho import SohoForPretraining
 from soho.tokenizer import train_wordpiece_tokenizer
@@ -111,18 +111,15 @@ def test_sweep_runs_every_variant_and_seed_tabulates_and_resumes(sweep, tmp_path
 
     # A second call trains nothing: the CLI prints the same table from the finished runs.
     monkeypatch.setattr(ablation_module, "train", lambda config: pytest.fail("a finished run was trained again"))
-    spec = importlib.util.spec_from_file_location("ablate_tool", ROOT / "tools" / "ablate.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    assert tool.main(["--sweep", str(sweep / "sweep.yaml"), "--out", str(tmp_path / "out")]) == 0
+    assert ablate(["--sweep", str(sweep / "sweep.yaml"), "--out", str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out.strip() == result.table
     # --variants: a subset (as one of several processes splitting a sweep would run it).
-    assert tool.main(["--sweep", str(sweep / "sweep.yaml"), "--out", str(tmp_path / "out"),
-                      "--variants", "itm_contrastive"]) == 0
+    assert ablate(["--sweep", str(sweep / "sweep.yaml"), "--out", str(tmp_path / "out"),
+                  "--variants", "itm_contrastive"]) == 0
     rows = [cells_of(line)[0] for line in capsys.readouterr().out.strip().splitlines()[2:]]
     assert rows == ["itm_contrastive", "chance"]
     with pytest.raises(SystemExit):
-        tool.main(["--sweep", str(sweep / "sweep.yaml"), "--out", str(tmp_path / "out"), "--variants", "nope"])
+        ablate(["--sweep", str(sweep / "sweep.yaml"), "--out", str(tmp_path / "out"), "--variants", "nope"])
     assert "nope not in" in capsys.readouterr().err
     # A finished run is only reused by the sweep that made it.
     with pytest.raises(ConfigError, match="different sweep"):

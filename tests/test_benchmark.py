@@ -1,11 +1,10 @@
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from soho.cli.benchmark import main as benchmark
 from soho.config import from_dict, to_dict
 from soho.data.synthetic import SyntheticWorldConfig, generate_world
 from soho.models.soho import SohoForPretraining
@@ -13,17 +12,9 @@ from soho.processing import ImageTransformConfig, SohoProcessor
 from soho.tokenizer import load_tokenizer
 from soho.tasks import PretrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 IMAGE = {"min_size": 32, "max_size": 32, "size_divisor": 8}
 MEASURED_STAGES = ("backbone", "visual_dictionary", "embeddings", "encoder", "heads", "backward_backbone",
                    "backward_rest", "optimizer")
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("soho_tool_benchmark", ROOT / "tools" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +51,7 @@ def run(setup, *argv):
     threads = torch.get_num_threads()
     try:
         # One thread: two would crawl whenever other jobs share the machine's cores.
-        assert load_tool().main([*argv, "--config", str(config_file), "--json", str(output), "--threads", "1"]) == 0
+        assert benchmark([*argv, "--config", str(config_file), "--json", str(output), "--threads", "1"]) == 0
     finally:
         torch.set_num_threads(threads)
     result = json.loads(output.read_text())

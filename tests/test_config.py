@@ -99,3 +99,26 @@ def test_nested_check_names_the_key_from_the_root_once():
     from soho.tasks import PretrainConfig
     with pytest.raises(ConfigError, match=r"^model\.encoder\.hidden_size \(30\) must be divisible"):
         from_dict(PretrainConfig, {"model": {"encoder": {"hidden_size": 30, "num_attention_heads": 4}}})
+
+
+@pytest.mark.parametrize("missing", ["shards", "tokenizer"])
+def test_pretraining_needs_its_data_named(missing):
+    from soho.tasks import PretrainConfig
+    data = {"shards": "data/synthetic/pretrain", "tokenizer": "data/synthetic/tokenizer"}
+    assert from_dict(PretrainConfig, {"data": data}).data.eval_shards == {}  # held-out evaluation is opt-in
+    del data[missing]
+    with pytest.raises(ConfigError, match=f"^data.{missing} is required"):
+        from_dict(PretrainConfig, {"data": data})
+
+
+@pytest.mark.parametrize("missing, message", [
+    ("init.checkpoint", "init.checkpoint is required"), ("data.train_shards", "data.train_shards is required"),
+    ("data.eval_shards", "data.eval_shards needs at least one split")])
+def test_fine_tuning_needs_its_checkpoint_and_data_named(missing, message):
+    from soho.tasks import FinetuneConfig
+    data = {"init": {"checkpoint": "runs/synthetic/pretrained"},
+            "data": {"train_shards": "data/synthetic/ve_train", "eval_shards": {"val": "data/synthetic/ve_val"}}}
+    section, key = missing.split(".")
+    del data[section][key]
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        from_dict(FinetuneConfig, data)

@@ -1,16 +1,13 @@
-import importlib.util
 import json
 import zipfile
-from pathlib import Path
 
 import pytest
 from convert_fixtures import read_split, write_corrupt_image, write_image
 
+from soho.cli.convert_flickr30k_entities import main
 from soho.data.convert import WriteOptions, convert
 from soho.data.convert.flickr30k_entities import flickr30k_entities_conversion, parse_annotation, parse_sentence
 from soho.data.samples import decode_captioned_image
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # The first image of the official README's example, cut down to fit a 48 x 32 test image.
 SENTENCES = "".join(line + "\n" for line in (
@@ -164,20 +161,13 @@ def test_conversion_counts_problems_records_and_box_rescaling(entities, tmp_path
     assert "0" not in record["entities"] and record["unrelated_captions"] == []
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "data_scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_command_line_on_extracted_folders(entities, tmp_path, capsys):
     root, images = entities
     with zipfile.ZipFile(root / "annotations.zip") as archive:
         archive.extractall(root)
     (root / "annotations.zip").unlink()
     out = tmp_path / "out"
-    _load_script("convert_flickr30k_entities").main(
+    main(
         ["--entities", str(root), "--images", str(images), "--out", str(out), "--workers", "2"])
     assert "entities_train" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())

@@ -1,20 +1,17 @@
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import webdataset as wds
 from convert_fixtures import read_split, write_corrupt_image, write_image
 
+from soho.cli.convert_img2dataset import main
 from soho.data.convert import convert
 from soho.data.convert.img2dataset import convert_img2dataset
 from soho.data.pretraining import PretrainingDataConfig, PretrainingDataset
 from soho.data.samples import decode_captioned_image
 from soho.processing import ImageTransformConfig
 from soho.tokenizer import train_wordpiece_tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data_scripts"))
-from convert_img2dataset import main  # noqa: E402
 
 IMAGE = ImageTransformConfig(min_size=32, max_size=32, size_divisor=16)
 CAPTIONS = {

@@ -1,15 +1,13 @@
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 from convert_fixtures import read_split, write_corrupt_image, write_image
 
+from soho.cli.convert_flickr30k import main
 from soho.data.convert import convert
 from soho.data.convert.karpathy import (
     coco_karpathy_conversion,
     flickr30k_karpathy_conversion,
-    karpathy_coco_ids,
     karpathy_image_splits,
 )
 from soho.data.pretraining import PretrainingDataConfig, PretrainingDataset
@@ -18,7 +16,6 @@ from soho.data.retrieval import read_retrieval_split
 from soho.processing import ImageTransformConfig, SohoProcessor
 from soho.tokenizer import train_wordpiece_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 COCO_SPLITS = ["retrieval_train", "retrieval_restval", "retrieval_val", "retrieval_test", "pretrain"]
 
 # (split, cocoid, folder, number of captions, what the image file is)
@@ -106,13 +103,13 @@ def test_coco_records_keep_raw_captions_and_eval_splits_keep_five(coco, tmp_path
 
 def test_pretrain_leaves_out_every_karpathy_val_and_test_image(coco, tmp_path):
     karpathy_json, _ = coco
-    assert karpathy_coco_ids(karpathy_json) == {391895, 522418, 184613, 318219}
-    assert karpathy_coco_ids(karpathy_json, splits=("restval",)) == {60623, 483108}
+    assert set(karpathy_image_splits(karpathy_json, "coco")) == {391895, 522418, 184613, 318219}
+    assert set(karpathy_image_splits(karpathy_json, "coco", ("restval",))) == {60623, 483108}
     with pytest.raises(ValueError, match="unknown or no Karpathy splits"):
-        karpathy_coco_ids(karpathy_json, splits=("testing",))
+        karpathy_image_splits(karpathy_json, "coco", ("testing",))
     convert(coco_karpathy_conversion(*coco, splits=["pretrain"]), tmp_path / "out")
     ids = {int(record["image_id"]) for record, _, _ in decoded_split(tmp_path / "out", "pretrain")}
-    assert ids and not ids & karpathy_coco_ids(karpathy_json)
+    assert ids and not ids & set(karpathy_image_splits(karpathy_json, "coco"))
 
 
 def test_shards_load_in_retrieval_and_pretraining(coco, tmp_path):
@@ -138,7 +135,7 @@ def test_bad_entries_are_listed_once_and_bad_files_fail_early(coco, tmp_path):
     data["images"].append({"filename": "x.jpg", "split": "extra", "sentences": []})
     karpathy_json.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"images\[4\] \(train\): 'cocoid' is None; it cannot be left out"):
-        karpathy_coco_ids(karpathy_json, splits=("train",))
+        karpathy_image_splits(karpathy_json, "coco", ("train",))
     manifest = convert(coco_karpathy_conversion(karpathy_json, coco_root), tmp_path / "out")
     assert sorted((p["split"], p["reason"]) for p in manifest["problems"] if p["reason"] == "bad_record") == [
         ("pretrain", "bad_record"), ("retrieval_train", "bad_record"), ("retrieval_train", "bad_record"),
@@ -159,13 +156,6 @@ def test_bad_entries_are_listed_once_and_bad_files_fail_early(coco, tmp_path):
         flickr30k_karpathy_conversion(karpathy_json, coco_root, splits=["retrieval_restval"])
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "data_scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_flickr30k_command_line_with_resize(tmp_path, capsys):
     images = []
     plan = [("train", "1000092795", "ok"), ("train", "10002456", "ok"), ("train", "1000268201", "missing"),
@@ -183,7 +173,7 @@ def test_flickr30k_command_line_with_resize(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"images\[0\] \(test\): 'filename' is 'thumbnail.jpg', not <flickr id>.jpg"):
         karpathy_image_splits(unnamed, "flickr30k")
     out = tmp_path / "flickr30k"
-    _load_script("convert_flickr30k").main([
+    main([
         "--karpathy-json", str(karpathy_json), "--images", str(tmp_path / "flickr30k-images"), "--out", str(out),
         "--workers", "1", "--max-short-side", "16"])
     assert "retrieval_train" in capsys.readouterr().out

@@ -1,10 +1,10 @@
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from convert_fixtures import read_split, write_corrupt_image, write_image, write_lines
 
+from soho.cli.convert_nlvr2 import main
 from soho.data.convert import convert
 from soho.data.convert.nlvr2 import convert_nlvr2
 from soho.data.tasks import TaskDataset, class_targets
@@ -13,9 +13,6 @@ from soho.tasks.nlvr2 import NLVR2Task
 decode_nlvr2 = NLVR2Task.decode
 from soho.processing import ImageTransformConfig
 from soho.tokenizer import train_wordpiece_tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data_scripts"))
-from convert_nlvr2 import main  # noqa: E402
 
 IMAGE = ImageTransformConfig(min_size=32, max_size=32, size_divisor=16)
 

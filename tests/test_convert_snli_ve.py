@@ -1,10 +1,10 @@
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from convert_fixtures import read_split, write_corrupt_image, write_image, write_lines
 
+from soho.cli.convert_snli_ve import main
 from soho.data.convert import convert
 from soho.data.convert.snli_ve import LABELS, convert_snli_ve
 from soho.data.tasks import TaskDataset, class_targets
@@ -14,9 +14,6 @@ VE_LABELS = VisualEntailmentTask.labels
 decode_ve = VisualEntailmentTask.decode
 from soho.processing import ImageTransformConfig
 from soho.tokenizer import train_wordpiece_tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data_scripts"))
-from convert_snli_ve import main  # noqa: E402
 
 IMAGE = ImageTransformConfig(min_size=32, max_size=32, size_divisor=16)
 

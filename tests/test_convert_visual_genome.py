@@ -1,19 +1,16 @@
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from convert_fixtures import read_split, write_corrupt_image, write_image
 
+from soho.cli.convert_visual_genome import main
 from soho.config import from_dict
 from soho.data.convert import WriteOptions, convert
 from soho.data.convert.visual_genome import clip_box, first_entry, visual_genome_conversion
 from soho.data.pretraining import PretrainingDataConfig, PretrainingDataset
 from soho.data.samples import decode_captioned_image, decode_image, decode_json, stable_id
 from soho.tokenizer import load_tokenizer, train_wordpiece_tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data_scripts"))
-from convert_visual_genome import main  # noqa: E402
 
 URL = "https://cs.stanford.edu/people/rak248/{folder}/{image_id}.jpg"
 WIDTH, HEIGHT = 48, 32

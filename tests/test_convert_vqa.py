@@ -1,11 +1,11 @@
 import functools
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from convert_fixtures import read_split, write_corrupt_image, write_image
 
+from soho.cli.convert_vqa import main
 from soho.data.convert import convert
 from soho.data.convert.vqa import convert_vqa
 from soho.data.tasks import TaskDataset
@@ -15,9 +15,6 @@ decode_vqa = VQATask.decode
 from soho.eval.vqa import AnswerVocabulary
 from soho.processing import ImageTransformConfig
 from soho.tokenizer import train_wordpiece_tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data_scripts"))
-from convert_vqa import main  # noqa: E402
 
 IMAGE = ImageTransformConfig(min_size=32, max_size=32, size_divisor=16)
 INFO = {"description": "This is v2.0 of the VQA dataset.", "url": "http://visualqa.org", "version": "2.0",

@@ -2,7 +2,6 @@ import importlib
 import io
 import json
 import tarfile
-from pathlib import Path
 
 import pytest
 from convert_fixtures import read_split, write_corrupt_image, write_image
@@ -160,9 +159,8 @@ SCRIPTS = {  # every converter script with its required inputs, "{missing}" a pa
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
-def test_every_script_reports_a_missing_input_in_one_line(script, tmp_path, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "data_scripts"))
-    main = importlib.import_module(script).main
+def test_every_script_reports_a_missing_input_in_one_line(script, tmp_path, capsys):
+    main = importlib.import_module(f"soho.cli.{script}").main
     argv = [arg.format(missing=tmp_path / "nowhere", folder=tmp_path) for arg in SCRIPTS[script]]
     with pytest.raises(SystemExit) as stopped:
         main(argv + ["--out", str(tmp_path / "out")])

@@ -14,6 +14,8 @@ from soho.models.soho import SohoForPretraining
 from soho.processing import ImageTransformConfig, SohoProcessor
 from soho.tokenizer import train_wordpiece_tokenizer
 
+pytestmark = pytest.mark.slow  # starts processes
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("pretraining", "retrieval", "ve", "nlvr2")
 # A batch-independent CNN (GroupNorm; BatchNorm would see each process's half of the batch), no dropout,
@@ -31,12 +33,15 @@ def harness_outputs(tmp_path_factory):
         root / "pretrained", processor=SohoProcessor(tokenizer, ImageTransformConfig(min_size=32, max_size=32)))
     train = {"max_steps": 10, "batch_size": 4, "log_every": 1, "seed": 3}
     optim = {"grad_clip": 0.0, "warmup_steps": 0}
+    unread = {"train_shards": str(root / "unread"), "eval_shards": {"val": str(root / "unread")}}
     configs = {
-        "pretraining": {"model": to_dict(model_config), "data": {"tokenizer": str(root / "tokenizer")}},
-        "retrieval": {"init": {"checkpoint": str(root / "pretrained")},
+        # The harness feeds its own batches: the shards are never read.
+        "pretraining": {"model": to_dict(model_config),
+                        "data": {"tokenizer": str(root / "tokenizer"), "shards": str(root / "unread")}},
+        "retrieval": {"init": {"checkpoint": str(root / "pretrained")}, "data": unread,
                       "retrieval": {"objectives": {"itm": 1.0, "itc": 1.0}}},
-        "ve": {"init": {"checkpoint": str(root / "pretrained")}},
-        "nlvr2": {"init": {"checkpoint": str(root / "pretrained")}},
+        "ve": {"init": {"checkpoint": str(root / "pretrained")}, "data": unread},
+        "nlvr2": {"init": {"checkpoint": str(root / "pretrained")}, "data": unread},
     }
     outputs = {}
     for variant, processes, extra in (("one", 1, []), ("two", 2, []), ("two_local_gather", 2, ["--local-gather"])):

@@ -1,12 +1,20 @@
+import typing
+from functools import partial
+
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_batch, tiny_config
 from transformers import BertConfig, BertModel
 
 from soho.config import ConfigError
 from soho.models import SohoForPretraining
 from soho.models.config import EncoderConfig
-from soho.models.encoder import Encoder, Pooler, TextEmbeddings, bert_state_dict_to_soho
+from soho.models.encoder import Encoder, Pooler, TextEmbeddings, TransformerLayer, bert_state_dict_to_soho
+
+# What each configurable activation name means (BERT's and GPT-2's GELU, its tanh approximation, ReLU).
+REFERENCE_ACTIVATIONS = {"gelu": F.gelu, "gelu_new": partial(F.gelu, approximate="tanh"),
+                         "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"), "relu": F.relu}
 
 
 def tiny_bert_config(**overrides):
@@ -30,6 +38,15 @@ def load_bert_into_text_encoder(bert, config):
     result = model.load_state_dict(converted, strict=False)
     assert not result.missing_keys, result.missing_keys
     return model
+
+
+def test_every_configurable_activation_is_the_function_its_name_says():
+    names = typing.get_args(typing.get_type_hints(EncoderConfig)["hidden_act"])
+    assert set(names) == set(REFERENCE_ACTIVATIONS)
+    x = torch.linspace(-8, 8, 4001)
+    for name in names:
+        layer = TransformerLayer(EncoderConfig(**tiny_bert_config(hidden_act=name)))
+        torch.testing.assert_close(layer.activation(x), REFERENCE_ACTIVATIONS[name](x), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_new"])

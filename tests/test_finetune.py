@@ -1,5 +1,5 @@
 import functools
-import importlib.util
+import importlib
 import io
 import itertools
 import json
@@ -236,6 +236,7 @@ def test_retrieval_itc_needs_an_itc_checkpoint(world, tmp_path):
     assert task.architecture.loss_weights == {"itc": 0.0, "itm": 1.0, "mlm": 0.0, "mvm": 0.0}
 
 
+@pytest.mark.slow
 def test_two_process_evaluation_equals_one_process(world, tmp_path):
     train(run_config(world, "vqa", tmp_path / "run"))
     outputs = {}
@@ -254,6 +255,7 @@ def test_two_process_evaluation_equals_one_process(world, tmp_path):
     assert outputs[2]["metrics"] == pytest.approx(outputs[1]["metrics"])
 
 
+@pytest.mark.slow
 def test_two_process_retrieval_shares_the_fusion_passes_and_equals_one_process(world, tmp_path):
     outputs = {}
     for processes in (1, 2):
@@ -296,10 +298,7 @@ def write_unlabelled_vqa_shard(world, path):
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"soho_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"soho.cli.{name}")
 
 
 def test_questions_without_answers_are_read_for_prediction_only(world, tmp_path):

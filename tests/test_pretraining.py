@@ -190,6 +190,7 @@ def test_too_many_skips_stop_the_run(world, tmp_path):
         train(config)
 
 
+@pytest.mark.slow
 def test_two_process_accelerate_launch(world, tmp_path):
     config = run_config(world, tmp_path / "ddp", max_steps=3, save_every=3)
     config_file = tmp_path / "config.yaml"

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 from pathlib import Path
 
@@ -31,12 +30,11 @@ from soho.analysis.probes import (
     synthetic_grounding,
     text_representations,
 )
+from soho.cli.analyze import main as analyze
 from soho.data.synthetic import SyntheticWorldConfig, generate_world
 from soho.models import SohoForPretraining
 from soho.processing import ImageTransformConfig, SohoProcessor
 from soho.tokenizer import load_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_linear_probe_separates_a_separable_set_and_not_shuffled_labels():
@@ -233,13 +231,10 @@ def test_probe_batches_follow_the_split(tiny_checkpoint):
 
 
 def run_analyze(checkpoint_root: Path, out: Path, *arguments: str) -> None:
-    """tools/analyze.py with --probes on the tiny checkpoint and its synthetic retrieval_val."""
-    spec = importlib.util.spec_from_file_location("soho_tool_analyze_probes", ROOT / "tools" / "analyze.py")
-    analyze = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(analyze)
-    assert analyze.main(["--checkpoint", str(checkpoint_root / "model"),
-                         "--shards", str(checkpoint_root / "data" / "retrieval_val"), "--out", str(out),
-                         "--batch-size", "4", "--device", "cpu", "--probes", "--probe-l2", "0.01", *arguments]) == 0
+    """soho-analyze with --probes on the tiny checkpoint and its synthetic retrieval_val."""
+    assert analyze(["--checkpoint", str(checkpoint_root / "model"),
+                    "--shards", str(checkpoint_root / "data" / "retrieval_val"), "--out", str(out),
+                    "--batch-size", "4", "--device", "cpu", "--probes", "--probe-l2", "0.01", *arguments]) == 0
 
 
 def test_cli_runs_every_probe_with_its_baselines(tiny_checkpoint, capsys):

@@ -1,7 +1,5 @@
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,12 +19,11 @@ from soho.analysis.value import (
     normalized_mutual_information,
     uniform_text_share,
 )
+from soho.cli.analyze import main as analyze
 from soho.data.synthetic import SyntheticWorldConfig, generate_world
 from soho.models import SohoForPretraining, SohoModel
 from soho.processing import ImageTransformConfig, SohoProcessor
 from soho.tokenizer import load_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # Two pairs, 3 text slots and 3 image cells; pair 1 has its last text token and last cell padded.
 TEXT_MASK = torch.tensor([[True, True, True], [True, True, False]])
@@ -206,13 +203,10 @@ def test_cli_on_a_tiny_checkpoint(tmp_path, capsys):
     image = ImageTransformConfig(min_size=32, max_size=32, size_divisor=16)
     model.save_pretrained(tmp_path / "model", processor=SohoProcessor(tokenizer, image, max_text_length=20))
 
-    spec = importlib.util.spec_from_file_location("soho_tool_analyze", ROOT / "tools" / "analyze.py")
-    analyze = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(analyze)
     out = tmp_path / "analysis"
-    assert analyze.main(["--checkpoint", str(tmp_path / "model"), "--shards", str(tmp_path / "data" / "retrieval_val"),
-                         "--out", str(out), "--batches", "2", "--batch-size", "2", "--device", "cpu",
-                         "--entries", "2"]) == 0
+    assert analyze(["--checkpoint", str(tmp_path / "model"), "--shards", str(tmp_path / "data" / "retrieval_val"),
+                    "--out", str(out), "--batches", "2", "--batch-size", "2", "--device", "cpu",
+                    "--entries", "2"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["value"]["pairs"] == 4  # 2 batches of 2 of the 5 images
     assert np.array(results["value"]["modality_importance"]["cls_text_share"]).shape == (2, 4)

@@ -247,6 +247,7 @@ def two_ranks(tmp_path_factory):
     return [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["ema", "data", "restart"])
 def test_ranks_hold_identical_dictionaries(two_ranks, scenario):
     (a, b) = (two_ranks[r][scenario] for r in range(2))
@@ -258,6 +259,7 @@ def test_ranks_hold_identical_dictionaries(two_ranks, scenario):
     assert (a["state"]["embedding"].abs() < SENTINEL / 2).all()
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_ranks):
     config, steps = _scenarios()["ema"]
     single, out = _single_process(config, steps)
@@ -269,6 +271,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_ranks):
         torch.testing.assert_close(value, usage[key])
 
 
+@pytest.mark.slow
 def test_data_init_across_ranks(two_ranks):
     config, steps = _scenarios()["data"]
     first = [two_ranks[r]["data"]["outputs"][0] for r in range(2)]
@@ -288,6 +291,7 @@ def test_data_init_across_ranks(two_ranks):
         torch.testing.assert_close(state[key], getattr(single, key), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_restart_across_ranks_with_an_empty_rank(two_ranks):
     _, steps = _scenarios()["restart"]
     first = two_ranks[0]["restart"]["outputs"][0]

@@ -11,10 +11,15 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 from torch import Tensor
+
+try:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+except ModuleNotFoundError as error:  # an optional dependency: the rest of soho runs without it
+    raise ModuleNotFoundError(f"soho's analysis figures need matplotlib ({error}): "
+                              "pip install 'soho[analysis]'", name=error.name) from error
 
 Box = Tuple[int, int, int, int]
 """(x0, y0, x1, y1) in pixels, end exclusive."""

@@ -22,9 +22,10 @@ from soho.processing import ImageTransform, ImageTransformConfig, pad_images
 
 @dataclass
 class PretrainingDataConfig:
-    shards: Union[str, List[str]] = "data/synthetic/pretrain"
+    shards: Union[str, List[str], None] = None
     """Directory, brace pattern, glob, or list of them."""
-    tokenizer: str = "data/synthetic/tokenizer"
+    tokenizer: Optional[str] = None
+    """A tokenizer directory; pre-training loads it, code that passes a tokenizer in leaves it unset."""
     image: ImageTransformConfig = field(default_factory=ImageTransformConfig)
     max_text_length: int = 40
     captions_per_image: int = 4

@@ -16,16 +16,10 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
+from transformers.activations import ACT2FN
 
 from soho.models.attention import MultiHeadAttention
 from soho.models.config import EncoderConfig
-
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
 
 
 class TextEmbeddings(nn.Module):
@@ -70,7 +64,7 @@ class TransformerLayer(nn.Module):
         self.output = nn.Linear(config.intermediate_size, config.hidden_size)
         self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.activation = ACTIVATIONS[config.hidden_act]
+        self.activation = ACT2FN[config.hidden_act]
 
     def forward(
         self,

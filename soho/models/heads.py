@@ -6,8 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from soho.models.encoder import ACTIVATIONS
+from transformers.activations import ACT2FN
 
 
 class MLMHead(nn.Module):
@@ -16,7 +15,7 @@ class MLMHead(nn.Module):
     def __init__(self, hidden_size: int, vocab_size: int, hidden_act: str = "gelu", layer_norm_eps: float = 1e-12):
         super().__init__()
         self.transform = nn.Linear(hidden_size, hidden_size)
-        self.activation = ACTIVATIONS[hidden_act]
+        self.activation = ACT2FN[hidden_act]
         self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
@@ -39,7 +38,7 @@ class MVMHead(nn.Module):
                  hidden_act: str = "gelu", layer_norm_eps: float = 1e-12):
         super().__init__()
         self.transform = nn.Linear(hidden_size, hidden_size)
-        self.activation = ACTIVATIONS[hidden_act]
+        self.activation = ACT2FN[hidden_act]
         self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.score = score
         self.temperature = temperature

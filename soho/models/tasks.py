@@ -1,6 +1,6 @@
 """Fine-tuning models: NLVR2, visual entailment and VQA heads on the cross-modal [CLS].
 
-Heads follow the SOHO release (REFERENCE §1): an MLP hidden -> 2 x hidden -> classes on
+Heads follow the SOHO release: an MLP hidden -> 2 x hidden -> classes on
 the pooled [CLS]; NLVR2 in the "pair" setup, each image with the statement through the
 Transformer and the two pooled outputs concatenated; VQA scored against soft targets
 with binary cross-entropy. Retrieval fine-tunes :class:`SohoForPretraining`'s ITM (and
@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.activations import ACT2FN
 
 from soho.models.config import SohoConfig
-from soho.models.encoder import ACTIVATIONS
 from soho.models.pretrained import SohoPreTrainedModel
 from soho.models.soho import SohoModel
 
@@ -34,7 +34,7 @@ class MLPHead(nn.Module):
                  layer_norm_eps: float = 1e-12):
         super().__init__()
         self.dense = nn.Linear(in_features, hidden_features)
-        self.activation = ACTIVATIONS[hidden_act]
+        self.activation = ACT2FN[hidden_act]
         self.norm = nn.LayerNorm(hidden_features, eps=layer_norm_eps)
         self.classifier = nn.Linear(hidden_features, num_classes)
 

@@ -1,6 +1,6 @@
 """The visual dictionary: nearest-neighbour quantisation of grid features, updated by EMA.
 
-Mechanism (REFERENCE §1, as the SOHO release): the entries are a (K, D) buffer; each
+Mechanism (as the SOHO release): the entries are a (K, D) buffer; each
 feature maps to the entry at the smallest squared L2 distance; in training the entries
 move towards the mean of their assigned features through an EMA of counts and sums
 (summed over all ranks first, Laplace-smoothed, in fp32). Features get a

@@ -17,7 +17,7 @@ from soho.train.config import OptimConfig, OptimizerConfig, TrainConfig
 
 @dataclass
 class InitConfig:
-    checkpoint: str = "runs/synthetic/pretrained"
+    checkpoint: Optional[str] = None
     """A ``save_pretrained`` directory: the architecture, the processor and (unless
     ``from_scratch``) the weights to start from."""
     from_scratch: bool = False
@@ -28,9 +28,8 @@ class InitConfig:
 
 @dataclass
 class FinetuneDataConfig:
-    train_shards: str = "data/synthetic/ve_train"
-    eval_shards: Dict[str, str] = field(default_factory=lambda: {"val": "data/synthetic/ve_val",
-                                                                 "test": "data/synthetic/ve_test"})
+    train_shards: Optional[str] = None
+    eval_shards: Dict[str, str] = field(default_factory=dict)
     """Split name -> shards, each evaluated at the end (the first also every ``train.eval_every`` steps)."""
     max_text_length: Optional[int] = None
     """Default: the checkpoint processor's."""
@@ -39,6 +38,8 @@ class FinetuneDataConfig:
     max_skip_fraction: float = 0.05
 
     def __post_init__(self):
+        if self.train_shards is None:
+            raise ConfigError("data.train_shards is required")
         if not self.eval_shards:
             raise ConfigError("data.eval_shards needs at least one split to evaluate")
         if self.num_workers < 0 or self.shuffle_buffer < 0:
@@ -61,6 +62,9 @@ class FinetuneConfig(RunConfig):
 
     def __post_init__(self):
         check_task(self)
+        if self.init.checkpoint is None:
+            raise ConfigError("init.checkpoint is required: the save_pretrained directory whose architecture and "
+                              "processor (and, unless init.from_scratch, weights) fine-tuning starts from")
 
 
 class FinetuneTask(Task):

@@ -35,6 +35,12 @@ class PretrainConfig(RunConfig):
     synthetic_root: Optional[str] = None
     """If set, the synthetic world is generated here first when it is missing."""
 
+    def __post_init__(self):
+        if self.data.shards is None:
+            raise ConfigError("data.shards is required: the image-caption shards to pre-train on")
+        if self.data.tokenizer is None:
+            raise ConfigError("data.tokenizer is required: the tokenizer directory for the captions")
+
 
 def model_inputs(batch: Dict[str, Any], device: torch.device, names=PRETRAINING_INPUTS) -> Dict[str, torch.Tensor]:
     return {k: batch[k].to(device, non_blocking=True) for k in names if k in batch}

@@ -1,6 +1,6 @@
 """Optimizers and learning-rate schedules shared by pre-training and fine-tuning.
 
-Two parameter groups as in the SOHO recipe (REFERENCE §1): the CNN with its own optimizer
+Two parameter groups as in the SOHO paper and release: the CNN with its own optimizer
 (SGD in the paper), everything else with AdamW; each has its own scheduler on one schedule.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ COCO images have six or seven), and the manifest counts the captions cut under `
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from soho.data.convert.inputs import load_json
 from soho.data.convert.writer import Conversion, Problem, Sample, safe_key
@@ -100,11 +100,6 @@ def karpathy_image_splits(path: Union[str, Path], dataset: str,
             except BadRecord as error:
                 raise ValueError(f"{path} images[{index}] ({entry['split']}): {error}; it cannot be left out") from None
     return ids
-
-
-def karpathy_coco_ids(path: Union[str, Path], splits: Iterable[str] = ("val", "test")) -> Set[int]:
-    """COCO ids of the images in ``splits`` of ``dataset_coco.json`` (see ``karpathy_image_splits``)."""
-    return set(karpathy_image_splits(path, "coco", splits))
 
 
 def _image(entry: Mapping[str, Any], dataset: str) -> Tuple[str, str]:
