@@ -9,8 +9,8 @@ from soho.config import from_dict, to_dict
 from soho.data.synthetic import SyntheticWorldConfig, generate_world
 from soho.models.soho import SohoForPretraining
 from soho.processing import ImageTransformConfig, SohoProcessor
-from soho.tokenizer import load_tokenizer
 from soho.tasks import PretrainConfig
+from soho.tokenizer import load_tokenizer
 
 IMAGE = {"min_size": 32, "max_size": 32, "size_divisor": 8}
 MEASURED_STAGES = ("backbone", "visual_dictionary", "embeddings", "encoder", "heads", "backward_backbone",

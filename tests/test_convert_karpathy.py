@@ -11,8 +11,8 @@ from soho.data.convert.karpathy import (
     karpathy_image_splits,
 )
 from soho.data.pretraining import PretrainingDataConfig, PretrainingDataset
-from soho.data.samples import decode_captioned_image
 from soho.data.retrieval import read_retrieval_split
+from soho.data.samples import decode_captioned_image
 from soho.processing import ImageTransformConfig, SohoProcessor
 from soho.tokenizer import train_wordpiece_tokenizer
 

@@ -8,11 +8,11 @@ from soho.cli.convert_nlvr2 import main
 from soho.data.convert import convert
 from soho.data.convert.nlvr2 import convert_nlvr2
 from soho.data.tasks import TaskDataset, class_targets
+from soho.processing import ImageTransformConfig
 from soho.tasks.nlvr2 import NLVR2Task
+from soho.tokenizer import train_wordpiece_tokenizer
 
 decode_nlvr2 = NLVR2Task.decode
-from soho.processing import ImageTransformConfig
-from soho.tokenizer import train_wordpiece_tokenizer
 
 IMAGE = ImageTransformConfig(min_size=32, max_size=32, size_divisor=16)
 

@@ -8,12 +8,12 @@ from soho.cli.convert_snli_ve import main
 from soho.data.convert import convert
 from soho.data.convert.snli_ve import LABELS, convert_snli_ve
 from soho.data.tasks import TaskDataset, class_targets
+from soho.processing import ImageTransformConfig
 from soho.tasks.ve import VisualEntailmentTask
+from soho.tokenizer import train_wordpiece_tokenizer
 
 VE_LABELS = VisualEntailmentTask.labels
 decode_ve = VisualEntailmentTask.decode
-from soho.processing import ImageTransformConfig
-from soho.tokenizer import train_wordpiece_tokenizer
 
 IMAGE = ImageTransformConfig(min_size=32, max_size=32, size_divisor=16)
 

@@ -9,12 +9,12 @@ from soho.cli.convert_vqa import main
 from soho.data.convert import convert
 from soho.data.convert.vqa import convert_vqa
 from soho.data.tasks import TaskDataset
-from soho.tasks.vqa import VQATask, soft_score_targets
-
-decode_vqa = VQATask.decode
 from soho.eval.vqa import AnswerVocabulary
 from soho.processing import ImageTransformConfig
+from soho.tasks.vqa import VQATask, soft_score_targets
 from soho.tokenizer import train_wordpiece_tokenizer
+
+decode_vqa = VQATask.decode
 
 IMAGE = ImageTransformConfig(min_size=32, max_size=32, size_divisor=16)
 INFO = {"description": "This is v2.0 of the VQA dataset.", "url": "http://visualqa.org", "version": "2.0",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_config
 
 from soho.config import ConfigError, to_dict
@@ -420,3 +421,51 @@ def test_resume_reproduces_the_uninterrupted_fine_tuning(world, tmp_path, task):
     for step in (3, 4):
         assert again[step] == pytest.approx(losses[step], rel=1e-5), step
     assert resumed["splits"]["val"]["metrics"] == pytest.approx(full["splits"]["val"]["metrics"])
+
+
+TOY_TASK = '''
+"""A task defined outside soho: is the hypothesis entailed (VE records, two classes)?"""
+import dataclasses
+
+from soho.models.tasks import SohoForClassification
+from soho.tasks import FinetuneConfig, register_task
+from soho.tasks.classification import ClassificationTask
+from soho.tasks.ve import VisualEntailmentTask
+
+
+@register_task
+class EntailedTask(ClassificationTask):
+    name = "entailed"
+    config_class = FinetuneConfig
+    model_class = SohoForClassification
+    labels = ("no", "yes")
+
+    @classmethod
+    def decode(cls, sample, labelled=True):
+        example = VisualEntailmentTask.decode(sample)
+        return dataclasses.replace(example, target=int(example.target == 0))
+'''
+
+
+def test_a_new_task_is_one_module_and_a_config(world, tmp_path, monkeypatch):
+    (tmp_path / "toy_task.py").write_text(TOY_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = {"task": "entailed", "imports": ["toy_task"], "init": {"checkpoint": str(world / "pretrained")},
+              "data": {"train_shards": str(world / "data" / "ve_train"), "num_workers": 0, "shuffle_buffer": 4,
+                       "eval_shards": {"val": str(world / "data" / "ve_val")}},
+              "optim": {"warmup_steps": 1},
+              "train": {"output_dir": str(tmp_path / "run"), "max_steps": 3, "batch_size": 4, "log_every": 1}}
+    (tmp_path / "entailed.yaml").write_text(yaml.safe_dump(config))
+    assert load_tool("finetune").main(["--config", str(tmp_path / "entailed.yaml")]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["task"] == "entailed" and results["steps"] == 3
+    predictions = [json.loads(line) for line in (tmp_path / "run" / "predictions_val.jsonl").open()]
+    # One in three VE hypotheses is entailed: the toy task's labels come from its own decoder.
+    assert [p["label"] for p in predictions].count("yes") == SPLITS["ve_val"] // 3
+    assert results["splits"]["val"]["metrics"]["chance_accuracy"] == pytest.approx(200 / 3)
+    # The evaluation tool finds it through the same registry.
+    assert load_tool("evaluate").main(["--import", "toy_task", "entailed", "--checkpoint",
+                                       str(tmp_path / "run" / "model"), "--shards", str(world / "data" / "ve_val"),
+                                       "--output", str(tmp_path / "eval")]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert evaluated["metrics"] == pytest.approx(results["splits"]["val"]["metrics"])

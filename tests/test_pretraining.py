@@ -14,8 +14,8 @@ from PIL import Image
 from soho.config import from_dict, to_dict
 from soho.data.pretraining import PretrainingDataConfig, PretrainingDataset
 from soho.data.stream import stream_loader
-from soho.tokenizer import train_wordpiece_tokenizer
 from soho.tasks import PretrainConfig
+from soho.tokenizer import train_wordpiece_tokenizer
 from soho.train.trainer import train
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 30)}

@@ -75,7 +75,8 @@ def dictionary_report(model: SohoForPretraining, batches: Iterable[Dict[str, Ten
         out = eval_model.soho(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], grid=grid,
                               image_index=image_index, masked_cells=masked)
         cells = masked.flatten(1)[image_index]
-        logits = eval_model.objective("mvm").head(out.image_states[cells], eval_model.soho.visual_dictionary.embedding).float()
+        mvm_head = eval_model.objective("mvm").head
+        logits = mvm_head(out.image_states[cells], eval_model.soho.visual_dictionary.embedding).float()
         pairs = cells.nonzero(as_tuple=True)[0]
         visible = visible_entries(grid.indices, grid.mask, masked, size)[image_index[pairs]]
         targets = indices[image_index][cells]

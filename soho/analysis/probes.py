@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from soho.analysis.capture import Capture, capture
 from soho.data.samples import SampleError, decode_image, decode_json, record_captions
 from soho.data.shards import SkipCounter, expand_urls, stream_samples
-from soho.data.synthetic import RELATION_WORDS, SHAPE_WORDS, box_centre, plural_of as _plural
+from soho.data.synthetic import RELATION_WORDS, SHAPE_WORDS, box_centre
+from soho.data.synthetic import plural_of as _plural
 from soho.models.soho import SohoModel
 from soho.processing import SohoProcessor
 

@@ -33,7 +33,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from soho.config import ConfigError
 from soho.tasks import TASKS, Task
+from soho.tasks.base import import_modules
 
 
 def evaluate(args) -> dict:
@@ -51,7 +53,17 @@ def evaluate(args) -> dict:
 
 
 def main(argv=None) -> int:
+    # Tasks defined outside soho register when their module is imported, before the parser lists the tasks.
+    preparser = argparse.ArgumentParser(add_help=False)
+    preparser.add_argument("--import", dest="imports", action="append", default=[])
+    imports = preparser.parse_known_args(argv)[0].imports
+    try:
+        import_modules(imports)
+    except ConfigError as error:
+        preparser.error(str(error))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first: where a task defined outside soho registers (repeatable)")
     tasks = parser.add_subparsers(dest="task", required=True)
     for name, task in TASKS.items():
         if task.evaluate_checkpoint.__func__ is Task.evaluate_checkpoint.__func__:

@@ -49,8 +49,8 @@ def vqa_loss(logits: Tensor, soft_scores: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), soft_scores.float()) * soft_scores.shape[1]
 
 
-class _PooledClassifier(SohoPreTrainedModel):
-    """SohoModel plus an MLP over ``images_per_text`` concatenated pooled outputs."""
+class SohoForClassification(SohoPreTrainedModel):
+    """SohoModel plus an MLP over ``images_per_text`` concatenated pooled outputs: classes ``config.labels``."""
 
     images_per_text = 1
 
@@ -104,17 +104,17 @@ class _PooledClassifier(SohoPreTrainedModel):
         return [self.config.labels[i] for i in logits.argmax(-1).tolist()]
 
 
-class SohoForVisualEntailment(_PooledClassifier):
+class SohoForVisualEntailment(SohoForClassification):
     """Premise image + hypothesis -> entailment / neutral / contradiction."""
 
 
-class SohoForNLVR2(_PooledClassifier):
+class SohoForNLVR2(SohoForClassification):
     """Two images + a statement -> false / true, in the pair setup."""
 
     images_per_text = 2
 
 
-class SohoForVQA(_PooledClassifier):
+class SohoForVQA(SohoForClassification):
     """Image + question -> a score per answer of the vocabulary in ``config.labels``."""
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:

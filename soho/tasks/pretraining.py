@@ -47,8 +47,8 @@ def model_inputs(batch: Dict[str, Any], device: torch.device, names=PRETRAINING_
 
 
 def step_output(out, batch: Dict[str, Any]) -> StepOutput:
-    return StepOutput(loss=out.loss, losses={"loss": out.loss.detach(), **{k: v.detach() for k, v in out.losses.items()}},
-                      metrics=out.metrics,
+    losses = {"loss": out.loss.detach(), **{k: v.detach() for k, v in out.losses.items()}}
+    return StepOutput(loss=out.loss, losses=losses, metrics=out.metrics,
                       counts={"images": batch["pixel_values"].shape[0], "pairs": batch["input_ids"].shape[0]})
 
 

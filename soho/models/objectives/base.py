@@ -74,7 +74,8 @@ class PretrainingStep:
 @dataclass
 class ObjectiveOutput:
     loss: Tensor
-    """Unweighted; under DDP each rank's share of the loss over the whole batch (see :func:`soho.distributed.rank_share`)."""
+    """Unweighted; under DDP each rank's share of the loss over the whole batch
+    (:func:`soho.distributed.rank_share`)."""
     metrics: Dict[str, Tensor] = field(default_factory=dict)
     """Accuracies and other values to log (detached by the model)."""
     labels: Optional[Tensor] = None

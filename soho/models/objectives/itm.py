@@ -2,8 +2,6 @@
 (SOHO), or a score compared across each caption's candidate images (contrastive, Decoupling)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 

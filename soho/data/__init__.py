@@ -1,0 +1,1 @@
+"""Data: shard reading, sample decoding, batch streams for pre-training and tasks, the synthetic world, converters."""
