@@ -251,3 +251,38 @@ def test_mvm_classifier_head_and_ruling_out_visible_entries():
     assert twins[True].objective("mvm").head.decoder.weight.grad.abs().sum() > 0
     with pytest.raises(Exception, match="mvm.score"):
         tiny_config(**{"mvm.score": "dot"})
+
+
+def test_a_new_objective_is_one_registered_module():
+    from torch import nn
+
+    from soho.config import ConfigError
+    from soho.models.objectives import OBJECTIVES, Objective, ObjectiveOutput, register_objective
+
+    @register_objective
+    class CaptionLength(Objective):
+        """Is the caption longer than six tokens? From the shared pass's [CLS], on every pair."""
+
+        name = "caption_length"
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.head = nn.Linear(config.encoder.hidden_size, 2)
+
+        def forward(self, model, step):
+            labels = (step.attention_mask.sum(1) > 6).long()
+            logits = self.head(step.fused.text_states[:, 0])
+            return ObjectiveOutput(loss=nn.functional.cross_entropy(logits, labels), labels=labels)
+
+    try:
+        model = SohoForPretraining(tiny_config(**{"loss_weights.caption_length": 0.5})).train()
+        out = model(**tiny_batch())
+        assert set(out.losses) == {"mlm", "itm", "mvm", "caption_length"}
+        expected = sum(out.losses[n] for n in ("mlm", "itm", "mvm")) + 0.5 * out.losses["caption_length"]
+        torch.testing.assert_close(out.loss, expected)
+        out.loss.backward()
+        assert model.objective("caption_length").head.weight.grad.abs().sum() > 0
+        with pytest.raises(ConfigError, match=r"loss_weights.caption_lenght: no objective named"):
+            SohoForPretraining(tiny_config(**{"loss_weights.caption_lenght": 1.0}))
+    finally:
+        del OBJECTIVES["caption_length"]

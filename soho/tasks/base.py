@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from soho.config import ConfigError, apply_overrides, from_dict, load_yaml
 from soho.data.stream import stream_loader
 from soho.eval.tasks import SplitEvaluation
+from soho.registry import Registry
 
 
 @dataclass
@@ -103,20 +104,12 @@ class Task:
         raise NotImplementedError(f"task {cls.name} has no checkpoint evaluation")
 
 
-TASKS: Dict[str, Type[Task]] = {}
-
-
-def register_task(cls: Type[Task]) -> Type[Task]:
-    if cls.name in TASKS and TASKS[cls.name] is not cls:
-        raise ValueError(f"a task named {cls.name!r} is already registered ({TASKS[cls.name].__name__})")
-    TASKS[cls.name] = cls
-    return cls
+TASKS = Registry("task")
+register_task = TASKS.register
 
 
 def get_task(name: str) -> Type[Task]:
-    if name not in TASKS:
-        raise ConfigError(f"task: no task named {name!r} (registered: {', '.join(sorted(TASKS))})")
-    return TASKS[name]
+    return TASKS.lookup(name, "task")
 
 
 def import_modules(names: Sequence[str]) -> None:

@@ -75,10 +75,8 @@ class RetrievalTask(FinetuneTask):
 
     def model_config(self, checkpoint: SohoConfig) -> SohoConfig:
         options = self.config.retrieval
-        unknown = sorted(set(options.objectives) - set(OBJECTIVES))
-        if unknown:
-            raise ConfigError(f"retrieval.objectives: no objective named {', '.join(unknown)} "
-                              f"(registered: {', '.join(OBJECTIVES)})")
+        for name in options.objectives:
+            OBJECTIVES.lookup(name, f"retrieval.objectives.{name}")
         if options.objectives.get("itc", 0.0) > 0 and not checkpoint.itc.enabled:
             raise ConfigError(f"retrieval.objectives.itc is on but {self.config.init.checkpoint} has no ITC heads; "
                               "set retrieval.objectives.itc=0 or init.model_overrides=['itc.enabled=true']")

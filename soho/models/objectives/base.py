@@ -15,13 +15,13 @@ absent; 0 keeps its head but computes no loss).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, Iterator, Optional, Type
+from typing import Any, Callable, ClassVar, Dict, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
-from soho.config import ConfigError
 from soho.models.config import SohoConfig
+from soho.registry import Registry
 
 
 @dataclass
@@ -121,22 +121,14 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
-OBJECTIVES: Dict[str, Type[Objective]] = {}
+OBJECTIVES = Registry("objective")
 """Registered objectives by name, in registration (= preparation) order."""
-
-
-def register_objective(cls: Type[Objective]) -> Type[Objective]:
-    if cls.name in OBJECTIVES and OBJECTIVES[cls.name] is not cls:
-        raise ValueError(f"an objective named {cls.name!r} is already registered ({OBJECTIVES[cls.name].__name__})")
-    OBJECTIVES[cls.name] = cls
-    return cls
+register_objective = OBJECTIVES.register
 
 
 def build_objectives(config: SohoConfig) -> nn.ModuleDict:
     """Every registered objective a model with ``config`` has, in preparation order."""
-    unknown = sorted(set(config.loss_weights) - set(OBJECTIVES))
-    if unknown:
-        raise ConfigError(f"loss_weights: no objective named {', '.join(unknown)} "
-                          f"(registered: {', '.join(OBJECTIVES)})")
+    for name in config.loss_weights:
+        OBJECTIVES.lookup(name, f"loss_weights.{name}")
     built = ((name, cls.build(config)) for name, cls in OBJECTIVES.items())
     return nn.ModuleDict({name: objective for name, objective in built if objective is not None})
