@@ -286,3 +286,28 @@ def test_a_new_objective_is_one_registered_module():
             SohoForPretraining(tiny_config(**{"loss_weights.caption_lenght": 1.0}))
     finally:
         del OBJECTIVES["caption_length"]
+
+
+def test_itm_negatives_are_false_of_the_image_and_labels_follow_truth():
+    torch.manual_seed(0)
+    config = tiny_config(**{"itm.negative_probability": 1.0, "loss_weights.mvm": 0.0})
+    model = SohoForPretraining(config).train()
+    batch = tiny_batch(num_images=4, captions_per_image=2)
+    truth = torch.eye(4, dtype=torch.bool).repeat_interleave(2, 0)
+    truth[0, 1] = truth[0, 2] = True  # caption 0 is also true of images 1 and 2: only image 3 is a negative
+    truth[2:4] = True  # the captions of image 1 are true of every image: no negative, shown with their own
+    partners = []
+    model.soho.register_forward_hook(lambda module, args, kwargs, out: partners.append(kwargs.get("image_index")),
+                                     with_kwargs=True)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        partners.clear()
+        out = model(**batch, caption_truth=truth)
+        shown = partners[-1]
+        assert shown[0] == 3 and (shown[2:4] == 1).all()
+        assert not truth[torch.arange(8), shown][[0, 1, 4, 5, 6, 7]].any()
+        torch.testing.assert_close(out.labels["itm"], truth[torch.arange(8), shown].long())
+    # Without truth, a negative is any other image, labelled by image identity.
+    model.config.itm.use_truth = False
+    out = model(**batch, caption_truth=truth)
+    assert (out.labels["itm"][2:4] == 0).all()

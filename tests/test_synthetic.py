@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from convert_fixtures import read_split
 from PIL import Image
 
@@ -119,8 +120,9 @@ def test_stored_samples_are_the_generated_ones(world):
 def test_samples_have_the_documented_members_and_fields(world):
     root, config, _ = world
     expected = {
-        "pretrain": ({"jpg", "json"}, {"image_id", "captions", "width", "height", "source", "scene_graph"}),
-        "retrieval_test": ({"jpg", "json"}, {"image_id", "captions", "width", "height", "source", "scene_graph"}),
+        "pretrain": ({"jpg", "json"}, {"image_id", "captions", "claims", "width", "height", "source", "scene_graph"}),
+        "retrieval_test": ({"jpg", "json"}, {"image_id", "captions", "claims", "width", "height", "source",
+                                              "scene_graph"}),
         "nlvr2_val": ({"left.jpg", "right.jpg", "json"},
                       {"identifier", "sentence", "label", "left_id", "right_id", "source", "scene_graphs"}),
         "ve_val": ({"jpg", "json"}, {"pair_id", "image_id", "hypothesis", "label", "source", "scene_graph"}),
@@ -196,3 +198,30 @@ def test_make_synthetic_script(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert all(re.search(rf"^{split} +[1-9]", printed, re.MULTILINE) for split in SPLITS)
     assert "tokenizer trained on" in printed and (tmp_path / "world" / "tokenizer").is_dir()
+
+
+def test_pretraining_batches_say_which_captions_are_true_of_which_images(world):
+    from soho.data.pretraining import PretrainingDataConfig, PretrainingDataset
+    from soho.data.synthetic.logic import claim_from_json, holds
+    from soho.tokenizer import load_tokenizer
+
+    root, _, _ = world
+    data = PretrainingDataConfig(shards=str(root / "pretrain"), captions_per_image=3, shuffle_buffer=0)
+    batch = next(iter(PretrainingDataset(data, load_tokenizer(root / "tokenizer"), batch_size=8, repeat=False)))
+    truth = batch["caption_truth"]
+    assert truth.shape == (batch["input_ids"].shape[0], 8) and truth.dtype == torch.bool
+    # Every caption is true of its own image; "there is one object" and the like are true of others too.
+    assert truth[torch.arange(truth.shape[0]), batch["image_index"]].all()
+    assert 0 < truth.float().mean() < 1
+    records = [json.loads(sample["json"]) for sample in read_split(root, "pretrain")]
+    scenes = [record["scene_graph"] for record in records[:8]]
+    claims = {text: claim_from_json(claim) for record in records for text, claim in zip(record["captions"],
+                                                                                        record["claims"])}
+    tokenizer = load_tokenizer(root / "tokenizer")
+    checked = 0
+    for row, ids in enumerate(batch["input_ids"]):
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text in claims:  # the tokenizer may not give every caption back verbatim
+            assert truth[row].tolist() == [holds(claims[text], scene) for scene in scenes]
+            checked += 1
+    assert checked >= truth.shape[0] // 2

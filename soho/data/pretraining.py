@@ -16,6 +16,7 @@ from soho.config import ConfigError
 from soho.data.samples import decode_captioned_image, stable_id
 from soho.data.shards import Sample
 from soho.data.stream import ShardStream
+from soho.data.synthetic.logic import truth_table
 from soho.models.masking import mask_tokens
 from soho.processing import ImageTransform, ImageTransformConfig, pad_images
 
@@ -102,12 +103,25 @@ class PretrainingDataset(ShardStream):
         self.collator = PretrainingCollator(tokenizer, config.max_text_length, config.mlm_probability,
                                             config.image.size_divisor)
 
-    def decode(self, sample: Sample, key: int) -> Tuple[torch.Tensor, List[str], int]:
+    def decode(self, sample: Sample, key: int) -> Tuple[torch.Tensor, List[str], int, Optional[Dict[str, Any]]]:
         record, texts, image = decode_captioned_image(sample)
         count = min(self.config.captions_per_image, len(texts))
-        captions = random.Random(key).sample(texts, count)
-        return self.transform(image), captions, stable_id(str(record.get("image_id", sample.get("__key__", "?"))))
+        chosen = random.Random(key).sample(range(len(texts)), count)
+        return (self.transform(image), [texts[i] for i in chosen],
+                stable_id(str(record.get("image_id", sample.get("__key__", "?")))), scene_claims(record, chosen))
 
     def collate(self, items, key: int) -> Dict[str, Any]:
-        images, captions, image_ids = zip(*items)
-        return self.collator(images, captions, image_ids, torch.Generator().manual_seed(key))
+        images, captions, image_ids, meanings = zip(*items)
+        batch = self.collator(images, captions, image_ids, torch.Generator().manual_seed(key))
+        if all(meaning is not None for meaning in meanings):
+            claims = [claim for meaning in meanings for claim in meaning["claims"]]
+            batch["caption_truth"] = torch.tensor(truth_table(claims, [meaning["scene"] for meaning in meanings]))
+        return batch
+
+
+def scene_claims(record: Dict[str, Any], chosen: Sequence[int]) -> Optional[Dict[str, Any]]:
+    """The scene graph and the chosen captions' claims, where the record has them (the synthetic world)."""
+    claims, scene = record.get("claims"), record.get("scene_graph")
+    if not isinstance(claims, list) or not isinstance(scene, dict) or len(claims) != len(record["captions"]):
+        return None
+    return {"scene": scene, "claims": [claims[i] for i in chosen]}

@@ -227,6 +227,10 @@ class ITMConfig:
     all of them); Decoupling compares 32 and 1024."""
     hard_negatives: bool = False
     """Draw negative images from ITC similarities (needs ``itc.enabled``) instead of uniformly."""
+    use_truth: bool = True
+    """Where the data says which captions are true of which images (``caption_truth``: the synthetic world's
+    scene graphs), draw negatives among the images a caption is false of and label pairs by truth, not by
+    image identity (a caption such as "there is one object" is true of many images)."""
 
     def __post_init__(self):
         if self.loss not in ITM_LOSSES:

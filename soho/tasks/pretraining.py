@@ -22,7 +22,7 @@ from soho.train.config import OptimConfig, TrainConfig
 
 PRETRAINING_INPUTS = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids",
                       "mlm_input_ids", "mlm_labels", "image_index", "image_ids", "image_seeds", "itm_image_index",
-                      "itm_labels")
+                      "itm_labels", "caption_truth")
 
 
 @dataclass

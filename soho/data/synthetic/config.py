@@ -7,10 +7,12 @@ from typing import Any, Dict, Literal
 from soho.config import ConfigError, to_dict
 from soho.data.synthetic.vocabulary import VE_LABELS
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 """Bumped whenever the output for a given config changes, so :func:`~soho.data.synthetic.build.ensure_world`
 regenerates. 2: written by ``soho/data/convert/writer.py`` (its manifest, and shards of exactly
-``shard_size`` samples where an image's VE or VQA samples used to stay in one shard); samples unchanged."""
+``shard_size`` samples where an image's VE or VQA samples used to stay in one shard); samples unchanged.
+3: image-caption records also hold each caption's claim (``claims``), so any caption's truth on any scene graph
+can be decided."""
 
 DEFAULT_SPLIT_SIZES = {
     "pretrain": 20000,

@@ -41,6 +41,25 @@ class Description:
         return tuple(a for a in ATTRIBUTES if getattr(self, a) is not None)
 
 
+def claim_to_json(claim: Tuple) -> List:
+    """A claim as JSON data (lists; a description as the mapping of its set attributes)."""
+    return [claim_to_json(part) if isinstance(part, tuple) else
+            {a: getattr(part, a) for a in part.attributes} if isinstance(part, Description) else part
+            for part in claim]
+
+
+def claim_from_json(data: List) -> Tuple:
+    """The claim :func:`claim_to_json` wrote."""
+    return tuple(claim_from_json(part) if isinstance(part, list) else
+                 Description(**part) if isinstance(part, dict) else part for part in data)
+
+
+def truth_table(claims: List[List], scenes: List[Dict]) -> List[List[bool]]:
+    """Whether each claim (JSON data, as records store them) is true of each scene graph: (claims, scenes)."""
+    decoded = [claim_from_json(claim) for claim in claims]
+    return [[holds(claim, scene) for scene in scenes] for claim in decoded]
+
+
 def related(scene: Dict, subject: Dict, predicate: str, obj: Dict) -> bool:
     return any(r["subject"] == subject["id"] and r["predicate"] == predicate and r["object"] == obj["id"]
                for r in scene["relations"])

@@ -9,7 +9,7 @@ import numpy as np
 from soho.data.convert.writer import EncodedImage, Sample
 from soho.data.synthetic.captions import captions_for
 from soho.data.synthetic.config import SyntheticWorldConfig, split_task
-from soho.data.synthetic.logic import answer
+from soho.data.synthetic.logic import answer, claim_to_json
 from soho.data.synthetic.nlvr2 import nlvr2_statement
 from soho.data.synthetic.render import encode_image, render
 from soho.data.synthetic.scenes import sample_scene
@@ -76,7 +76,8 @@ def _captioned_group(caption_count: Callable[[np.random.Generator], int], config
                      rng: np.random.Generator, image_id: str) -> List[Tuple[Sample, Any]]:
     scene, image = _draw(config, rng)
     captions = captions_for(scene, rng, caption_count(rng))
-    record = {"image_id": image_id, "captions": [text for text, _ in captions], "width": scene["width"],
+    record = {"image_id": image_id, "captions": [text for text, _ in captions],
+              "claims": [claim_to_json(claim) for _, claim in captions], "width": scene["width"],
               "height": scene["height"], "source": "synthetic", "scene_graph": scene}
     return [(Sample(image_id, record, {"": image}), [claim for _, claim in captions])]
 

@@ -46,6 +46,8 @@ class PretrainingStep:
     """(N,) the image each caption is shown with for ITM, when the data chose it (else ITM draws it)."""
     itm_labels: Optional[Tensor] = None
     """(N,) 1 where the caption is true of the image it is shown with, when the data knows (else: same image id)."""
+    caption_truth: Optional[Tensor] = None
+    """(N, B) bool: whether each caption is true of each image of the batch, when the data knows (scene graphs)."""
 
     text_ids: Optional[Tensor] = None
     """(N, L) ids of the fused pass: the clean captions unless an objective (MLM) corrupts them."""

@@ -34,9 +34,13 @@ class ImageTextMatching(Objective):
         """What :meth:`SohoForPretraining.score` returns for a pair."""
         raise NotImplementedError
 
+    def uses_truth(self, step: PretrainingStep) -> bool:
+        return self.config.itm.use_truth and step.caption_truth is not None
+
     def negative_weights(self, step: PretrainingStep, num_images: int) -> Tensor:
         """(N, B) how likely each image is drawn as a caption's negative: uniform, or in proportion to ITC
-        similarity with ``itm.hard_negatives``; never the caption's own image, every other one drawable."""
+        similarity with ``itm.hard_negatives``; never the caption's own image, nor (with ``itm.use_truth``) an
+        image the caption is true of; every other one drawable. A row may be all zeros: no negative exists."""
         num_texts = step.image_index.shape[0]
         if self.config.itm.hard_negatives:
             weights = step.text_to_image_logits.detach().float().softmax(dim=1)
@@ -45,6 +49,8 @@ class ImageTextMatching(Objective):
         # The floor keeps every other image drawable when the softmax underflows.
         weights = weights.clamp(min=1e-12)
         weights[torch.arange(num_texts, device=weights.device), step.image_index] = 0
+        if self.uses_truth(step):
+            weights = weights.masked_fill(step.caption_truth.to(weights.device), 0.0)
         return weights
 
 
@@ -69,8 +75,10 @@ class ClassificationMatching(ImageTextMatching):
         probability = self.config.itm.negative_probability
         if num_images < 2 or probability == 0:
             return step.image_index
-        swap = torch.rand(step.image_index.shape[0], device=step.image_index.device) < probability
-        others = torch.multinomial(self.negative_weights(step, num_images), 1).squeeze(1)
+        weights = self.negative_weights(step, num_images)
+        # A caption true of every other image keeps its own: it has no negative in this batch.
+        swap = (torch.rand(step.image_index.shape[0], device=weights.device) < probability) & (weights.sum(1) > 0)
+        others = torch.multinomial(weights + (weights.sum(1, keepdim=True) == 0).float(), 1).squeeze(1)
         return torch.where(swap, others, step.image_index)
 
     def prepare(self, model: nn.Module, step: PretrainingStep) -> None:
@@ -82,6 +90,9 @@ class ClassificationMatching(ImageTextMatching):
             step.partners = self.draw_partners(step, step.image_ids.shape[0])
         if step.itm_labels is not None:
             step.matched = step.itm_labels.bool()
+        elif self.uses_truth(step):
+            rows = torch.arange(step.partners.shape[0], device=step.partners.device)
+            step.matched = step.caption_truth.to(step.partners.device)[rows, step.partners]
         else:
             step.matched = step.image_ids[step.partners] == step.image_ids[step.image_index]
 
@@ -116,7 +127,11 @@ class ContrastiveMatching(ImageTextMatching):
         count = min(self.config.itm.contrastive_negatives, num_images - 1)
         if count < 1:
             return step.image_index.new_zeros(step.image_index.shape[0], 0)
-        return torch.multinomial(self.negative_weights(step, num_images), count, replacement=False)
+        # A row with fewer drawable images than ``count`` (captions true of many images) still draws ``count``,
+        # the rest from the undrawable ones; those are ruled out of its softmax (``valid``).
+        weights = self.negative_weights(step, num_images)
+        short = (weights > 0).sum(1, keepdim=True) < count
+        return torch.multinomial(torch.where(short & (weights == 0), 1e-30, weights), count, replacement=False)
 
     def forward(self, model: nn.Module, step: PretrainingStep) -> ObjectiveOutput:
         negatives = self.draw_negatives(step, step.image_ids.shape[0])
@@ -130,8 +145,10 @@ class ContrastiveMatching(ImageTextMatching):
                                  masked_cells=step.masked_cells)
             scores = torch.cat([scores, self.head(negative_out.pooled).view(num_texts, count)], dim=1)
         candidates = torch.cat([step.image_index[:, None], negatives], dim=1)
-        # Another copy of the caption's own image (same image id) is no negative.
+        # Another copy of the caption's own image (same image id), or an image the caption is true of, is no negative.
         valid = step.image_ids[candidates] != step.image_ids[step.image_index][:, None]
+        if self.uses_truth(step):
+            valid &= ~step.caption_truth.to(valid.device).gather(1, candidates)
         valid[:, 0] = True
         loss = contrastive_itm_loss(scores, valid)
         if self.training:
