@@ -7,6 +7,7 @@ from conftest import VOCAB, tiny_batch, tiny_config
 from transformers import BertConfig, BertForPreTraining
 
 from soho.models import SohoForPretraining, SohoModel
+from soho.models.visual_dictionary import VisualDictionary
 
 
 def test_pretraining_forward_backward_reaches_backbone_not_dictionary(config):
@@ -311,3 +312,83 @@ def test_itm_negatives_are_false_of_the_image_and_labels_follow_truth():
     model.config.itm.use_truth = False
     out = model(**batch, caption_truth=truth)
     assert (out.labels["itm"][2:4] == 0).all()
+
+
+@pytest.mark.parametrize("tokens", ["entries", "features", "gated"])
+def test_what_the_transformer_reads_of_each_cell(tokens):
+    torch.manual_seed(0)
+    model = SohoModel(tiny_config(**{"visual_dictionary.tokens": tokens})).eval()
+    images = torch.randn(2, 3, 64, 64)
+    grid = model.embed_image(images)
+    features = model.backbone(images).permute(0, 2, 3, 1)
+    entries = model.visual_dictionary.embedding[grid.indices]
+    if tokens == "entries":
+        torch.testing.assert_close(grid.features, entries)
+    elif tokens == "features":
+        torch.testing.assert_close(grid.features, features)
+    else:  # a convex mix of the two, per cell
+        gate = model.token_gate(torch.cat([entries, features], -1)).softmax(-1)
+        torch.testing.assert_close(grid.features, gate[..., :1] * entries + gate[..., 1:] * features)
+        assert model.token_gate is not None
+    assert (model.token_gate is not None) == (tokens == "gated")
+
+
+def test_entries_after_the_update_are_the_releases_quantisation():
+    torch.manual_seed(0)
+    features = torch.randn(40, 32)
+    outputs = {}
+    for after in (False, True):
+        torch.manual_seed(1)
+        dictionary = VisualDictionary(tiny_config(**{"visual_dictionary.entries_after_update": after}
+                                                  ).visual_dictionary, 32).train()
+        before = dictionary.embedding.clone()
+        out = dictionary(features)
+        outputs[after] = out.indices
+        expected = (dictionary.embedding if after else before)[out.indices]
+        torch.testing.assert_close(out.quantized, expected)
+    assert torch.equal(outputs[False], outputs[True])  # the lookup is the same either way
+
+
+def test_pre_norm_encoder_normalises_before_each_block_and_once_at_the_end():
+    from soho.config import ConfigError
+    from soho.models.config import EncoderConfig
+    from soho.models.encoder import Encoder
+
+    torch.manual_seed(0)
+    config = EncoderConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pre_norm=True)
+    encoder = Encoder(config).eval()
+    text, mask = torch.randn(2, 5, 32) * 5 + 3, torch.ones(2, 5, dtype=torch.bool)
+    hidden = text
+    for layer in encoder.layers:  # x + Attn(LN(x)), then x + FFN(LN(x))
+        context, _ = layer.attention(layer.attention_norm(hidden), mask)
+        hidden = hidden + layer.attention_output(context)
+        hidden = hidden + layer.output(layer.activation(layer.intermediate(layer.output_norm(hidden))))
+    torch.testing.assert_close(encoder(text=text, text_mask=mask).text_states, encoder.final_norm(hidden))
+    with pytest.raises(ConfigError, match="encoder.pre_norm cannot load BERT"):
+        EncoderConfig(pre_norm=True, pretrained_path="bert")
+
+
+def test_paired_itm_shows_every_caption_with_its_own_image_and_with_a_false_one():
+    torch.manual_seed(0)
+    model = SohoForPretraining(tiny_config(**{"itm.pairing": "paired", "loss_weights.mvm": 0.0})).eval()
+    batch = tiny_batch(num_images=4, captions_per_image=2)
+    truth = torch.eye(4, dtype=torch.bool).repeat_interleave(2, 0)
+    truth[2:4] = True  # the captions of image 1 are true of every image: no negative for them
+    passes = []
+    model.soho.register_forward_hook(lambda module, args, kwargs, out: passes.append(kwargs.get("image_index")),
+                                     with_kwargs=True)
+    out = model(**batch, caption_truth=truth)
+    own, negatives = passes[-2], passes[-1]
+    assert torch.equal(own, batch["image_index"])  # the shared pass (MLM, MVM) sees the own images
+    assert negatives.shape == (6,) and not truth[[0, 1, 4, 5, 6, 7], negatives].any()
+    assert out.labels["itm"].tolist() == [1] * 8 + [0] * 6
+    # The accuracy is the classifier's on each pair fused alone.
+    texts = torch.tensor([0, 1, 4, 5, 6, 7])
+    scores = torch.cat([
+        model.score(batch["pixel_values"], batch["mlm_input_ids"], batch["attention_mask"],
+                    pixel_mask=batch["pixel_mask"], image_index=batch["image_index"]),
+        model.score(batch["pixel_values"], batch["mlm_input_ids"][texts], batch["attention_mask"][texts],
+                    pixel_mask=batch["pixel_mask"], image_index=negatives)])
+    expected = ((scores > 0.5).long() == out.labels["itm"]).float().mean()
+    assert out.metrics["itm_acc"].item() == pytest.approx(expected.item())

@@ -58,6 +58,13 @@ class VisualDictionaryConfig:
     """Laplace smoothing of the EMA counts."""
     init: Literal["normal", "data"] = "normal"
     """``normal``: N(0, 1) as the release; ``data``: entries taken from the first batch of features."""
+    entries_after_update: bool = False
+    """In training, quantise each feature to its entry as the step's EMA update left it (the SOHO release) rather
+    than as it was before (the lookup is the same either way; only the returned vectors differ)."""
+    tokens: Literal["entries", "features", "gated"] = "entries"
+    """What the Transformer reads for each cell: its ``entries`` (the paper; straight-through gradient to the CNN),
+    the continuous grid ``features`` (the dictionary then only gives MVM its targets), or ``gated``: entry and
+    feature mixed by a learned per-cell softmax gate over both (the release)."""
     restart_dead: bool = False
     """Re-seed entries whose EMA count fell below ``dead_threshold`` from current features."""
     dead_threshold: float = 1e-3
@@ -144,6 +151,9 @@ class EncoderConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     pretrained_path: Optional[str] = None
     """Local Hugging Face BERT directory (config.json + weights) to initialise from."""
+    pre_norm: bool = False
+    """LayerNorm before each attention and feed-forward block (and once after the last layer) instead of after
+    each residual sum (BERT). Pre-LN stacks train from scratch without a long stall; BERT weights are post-LN."""
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
@@ -159,6 +169,9 @@ class EncoderConfig:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"encoder.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.pre_norm and self.pretrained_path:
+            raise ConfigError(f"encoder.pre_norm cannot load BERT weights ({self.pretrained_path}), which are post-LN; "
+                              "set encoder.pre_norm: false")
         self._check_fusion()
 
     def _check_fusion(self) -> None:
@@ -220,8 +233,12 @@ class ITMConfig:
     """``classification``: SOHO's matched / mismatched classifier over each pair's pooled [CLS].
     ``contrastive`` (Decoupling, arXiv 2102.00529): a scalar score per pair and a softmax over each caption's
     own image and ``contrastive_negatives`` other images; every candidate is one more fused pass."""
+    pairing: Literal["swap", "paired"] = "swap"
+    """``classification`` only. ``swap`` (SOHO): a caption is shown with another image instead of its own with
+    ``negative_probability``, in the pass the other objectives share. ``paired`` (ALBEF): every caption is shown
+    with its own image and, in one more fused pass, with another one (twice the fused pairs per caption)."""
     negative_probability: float = 0.5
-    """``classification`` only: chance that a pair's image is swapped for another one (SOHO: 0.5)."""
+    """``classification`` with ``swap`` only: chance that a pair's image is swapped for another one (SOHO: 0.5)."""
     contrastive_negatives: int = 32
     """``contrastive`` only: negative images per caption, drawn from the other images of the batch (at most
     all of them); Decoupling compares 32 and 1024."""

@@ -65,6 +65,7 @@ class TransformerLayer(nn.Module):
         self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.activation = ACT2FN[config.hidden_act]
+        self.pre_norm = config.pre_norm
 
     def forward(
         self,
@@ -73,6 +74,12 @@ class TransformerLayer(nn.Module):
         text_length: Optional[int] = None,
         output_attentions: bool = False,
     ) -> Tuple[Tensor, Optional[Tensor]]:
+        if self.pre_norm:
+            context, probs = self.attend(self.attention_norm(hidden_states), key_padding_mask, text_length,
+                                         output_attentions)
+            hidden_states = hidden_states + self.dropout(self.attention_output(context))
+            feed_forward = self.output(self.activation(self.intermediate(self.output_norm(hidden_states))))
+            return hidden_states + self.dropout(feed_forward), probs
         context, probs = self.attend(hidden_states, key_padding_mask, text_length, output_attentions)
         hidden_states = self.attention_norm(hidden_states + self.dropout(self.attention_output(context)))
         feed_forward = self.output(self.activation(self.intermediate(hidden_states)))
@@ -162,9 +169,16 @@ class CrossAttention(nn.Module):
         self.attention_output = nn.Linear(config.hidden_size, config.hidden_size)
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.pre_norm = config.pre_norm
 
     def forward(self, hidden_states: Tensor, other_states: Tensor, other_mask: Tensor,
                 output_attentions: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        if self.pre_norm:
+            # The other stream's states are normalised by its own layer before they get here, or are the
+            # embeddings (normalised too).
+            context, probs = self.attention(self.attention_norm(hidden_states), other_mask, other_states,
+                                            output_attentions)
+            return hidden_states + self.dropout(self.attention_output(context)), probs
         context, probs = self.attention(hidden_states, other_mask, other_states, output_attentions)
         return self.attention_norm(hidden_states + self.dropout(self.attention_output(context))), probs
 
@@ -259,6 +273,8 @@ class Encoder(nn.Module):
         self.config = config
         self.layers = build_layers(config)
         self.gradient_checkpointing = config.gradient_checkpointing
+        # Pre-LN layers leave their output unnormalised: one LayerNorm after the last layer.
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_norm else None
 
     def forward(
         self,
@@ -291,6 +307,8 @@ class Encoder(nn.Module):
                 all_hidden.append(hidden)
             if output_attentions:
                 all_attentions.append(probs)
+        if self.final_norm is not None:
+            hidden = self.final_norm(hidden)
         return EncoderOutput(
             text_states=hidden[:, :text_length] if text is not None else None,
             image_states=hidden[:, text_length:] if image is not None else None,

@@ -53,19 +53,24 @@ class SohoModel(SohoPreTrainedModel):
         self.backbone = Backbone(config.backbone, hidden)
         self.visual_dictionary = (VisualDictionary(config.visual_dictionary, hidden)
                                   if config.use_visual_dictionary else None)
+        gated = config.use_visual_dictionary and config.visual_dictionary.tokens == "gated"
+        # Per cell, a softmax over (entry, feature) computed from both.
+        self.token_gate = torch.nn.Linear(2 * hidden, 2) if gated else None
         self.visual_embeddings = VisualEmbeddings(hidden, config.encoder.layer_norm_eps,
                                                   config.encoder.hidden_dropout_prob)
         self.text_embeddings = TextEmbeddings(config.encoder)
         self.encoder = Encoder(config.encoder)
         self.pooler = Pooler(hidden)
-        for module in (self.visual_embeddings, self.text_embeddings, self.encoder, self.pooler):
-            module.apply(self.init_weights)
+        for module in (self.visual_embeddings, self.text_embeddings, self.encoder, self.pooler, self.token_gate):
+            if module is not None:
+                module.apply(self.init_weights)
         torch.nn.init.normal_(self.visual_embeddings.mask_embedding, std=config.encoder.initializer_range)
         if config.encoder.pretrained_path and type(self) is SohoModel:
             self.load_bert(config.encoder.pretrained_path)
 
     def embed_image(self, pixel_values: Tensor, pixel_mask: Optional[Tensor] = None) -> VisualGrid:
-        """Backbone and dictionary: (B, 3, H, W) pixels -> a :class:`VisualGrid`.
+        """Backbone and dictionary: (B, 3, H, W) pixels -> a :class:`VisualGrid` whose ``features`` are what the
+        Transformer reads (``visual_dictionary.tokens``).
 
         In training mode the dictionary is updated (EMA) with the valid cells.
         """
@@ -83,8 +88,17 @@ class SohoModel(SohoPreTrainedModel):
             return VisualGrid(grid, mask)
         flat = grid.reshape(-1, grid.shape[-1])
         quantised = self.visual_dictionary(flat, mask.reshape(-1))
+        entries = quantised.quantized.view_as(grid)
+        read = self.config.visual_dictionary.tokens
+        if read == "entries":
+            tokens = entries
+        elif read == "features":
+            tokens = grid
+        else:
+            gate = self.token_gate(torch.cat([entries, grid], dim=-1)).softmax(-1)
+            tokens = gate[..., :1] * entries + gate[..., 1:] * grid
         return VisualGrid(
-            features=quantised.quantized.view_as(grid),
+            features=tokens,
             mask=mask,
             indices=quantised.indices.view(batch, height, width),
             usage=self.visual_dictionary.usage(quantised.indices, mask.reshape(-1)),

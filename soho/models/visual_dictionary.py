@@ -108,11 +108,13 @@ class VisualDictionary(nn.Module):
                 self.initialized.fill_(True)
 
         indices = self.lookup(features)
+        if self.training and self.config.entries_after_update:
+            self._update(features, indices, valid)
         entries = self.embedding[indices].to(features.dtype)
         # Same value and gradient as x + (e - x).detach(), but the value is exactly e in
         # low precision too: x - x.detach() is an exact zero, (e - x) + x is rounded twice.
         quantized = entries + (features - features.detach())
-        if self.training:
+        if self.training and not self.config.entries_after_update:
             self._update(features, indices, valid)
         return VDOutput(quantized=quantized, indices=indices)
 

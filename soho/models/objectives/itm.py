@@ -55,8 +55,14 @@ class ImageTextMatching(Objective):
 
 
 class ClassificationMatching(ImageTextMatching):
-    """SOHO's ITM: with ``itm.negative_probability`` a caption is shown with another image in the shared fused
-    pass; a 2-way classifier on its pooled [CLS] says whether the pair matches (1 = matched)."""
+    """A 2-way classifier on a pair's pooled [CLS] says whether it matches (1 = matched).
+
+    ``itm.pairing: swap`` (SOHO): with ``itm.negative_probability`` a caption is shown with another image in the
+    shared fused pass instead of its own. ``paired`` (ALBEF's layout): every caption is shown with its own image
+    in the shared pass and with one other image in a second pass, so each caption is both a positive and a
+    negative in the same step; their text-only and image-only gradient components then cancel, and what is
+    left is the interaction ITM has to learn.
+    """
 
     def __init__(self, config):
         super().__init__(config)
@@ -81,8 +87,24 @@ class ClassificationMatching(ImageTextMatching):
         others = torch.multinomial(weights + (weights.sum(1, keepdim=True) == 0).float(), 1).squeeze(1)
         return torch.where(swap, others, step.image_index)
 
+    def draw_negatives(self, step: PretrainingStep, num_images: int) -> Tensor:
+        """``paired``: one other image per caption (its own where the batch holds no negative for it)."""
+        if step.itm_image_index is not None:
+            return step.itm_image_index
+        weights = self.negative_weights(step, num_images)
+        none = weights.sum(1) == 0
+        drawn = torch.multinomial(weights + none[:, None].float(), 1).squeeze(1)
+        return torch.where(none, step.image_index, drawn)
+
+    def labels_of(self, step: PretrainingStep, texts: Tensor, images: Tensor) -> Tensor:
+        """Whether caption ``texts[i]`` is true of image ``images[i]``: by truth where the batch has it (with
+        ``itm.use_truth``), else by image identity."""
+        if self.uses_truth(step):
+            return step.caption_truth.to(images.device)[texts, images]
+        return step.image_ids[images] == step.image_ids[step.image_index[texts]]
+
     def prepare(self, model: nn.Module, step: PretrainingStep) -> None:
-        if not self.active:
+        if not self.active or self.config.itm.pairing == "paired":
             return
         if step.itm_image_index is not None:
             step.partners = step.itm_image_index
@@ -90,15 +112,23 @@ class ClassificationMatching(ImageTextMatching):
             step.partners = self.draw_partners(step, step.image_ids.shape[0])
         if step.itm_labels is not None:
             step.matched = step.itm_labels.bool()
-        elif self.uses_truth(step):
-            rows = torch.arange(step.partners.shape[0], device=step.partners.device)
-            step.matched = step.caption_truth.to(step.partners.device)[rows, step.partners]
         else:
-            step.matched = step.image_ids[step.partners] == step.image_ids[step.image_index]
+            step.matched = self.labels_of(step, torch.arange(step.partners.shape[0], device=step.partners.device),
+                                          step.partners)
 
     def forward(self, model: nn.Module, step: PretrainingStep) -> ObjectiveOutput:
         logits = self.head(step.fused.pooled)
         labels = step.matched.long()
+        if self.config.itm.pairing == "paired":
+            negatives = self.draw_negatives(step, step.image_ids.shape[0])
+            rows = (negatives != step.image_index).nonzero(as_tuple=True)[0]
+            if rows.numel():
+                token_types = step.token_type_ids[rows] if step.token_type_ids is not None else None
+                shown = model(input_ids=step.text_ids[rows], attention_mask=step.attention_mask[rows],
+                              token_type_ids=token_types, grid=step.grid, image_index=negatives[rows],
+                              masked_cells=step.masked_cells)
+                logits = torch.cat([logits, self.head(shown.pooled)])
+                labels = torch.cat([labels, self.labels_of(step, rows, negatives[rows]).long()])
         loss = itm_loss(logits, labels)
         if self.training:
             loss = loss * rank_share(labels.shape[0], loss.device)
