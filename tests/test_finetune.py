@@ -182,6 +182,10 @@ def test_classification_metrics_by_hand():
     vqa = [{"id": "q1", "prediction": "two", "answers": ["2"] * 10, "answer_type": "number"},
            {"id": "q2", "prediction": "yes", "answers": ["yes"] * 2 + ["no"] * 8, "answer_type": "yes/no"}]
     metrics = vqa_metrics(vqa)
+    # The ceiling: the best class for each question. With "2" and "no" both can score 1; with "yes" alone,
+    # q1 nothing and q2 0.6 (2 of 10 said "yes").
+    assert VQATask.metrics(vqa, ["2", "no"])["ceiling_vqa_accuracy"] == pytest.approx(100.0)
+    assert VQATask.metrics(vqa, ["yes"])["ceiling_vqa_accuracy"] == pytest.approx(30.0)
     # q1: "two" normalises to "2", all 10 agree -> 1; q2: 2 of 10 say yes -> 0.6.
     assert metrics["vqa_accuracy"] == pytest.approx(80.0)
     assert metrics["vqa_accuracy_number"] == pytest.approx(100.0)
@@ -201,7 +205,8 @@ def test_finetune_writes_results_predictions_and_a_loadable_model(world, tmp_pat
     assert [r["step"] for r in records if "loss" in r] == [2, 4]
     assert records[-1]["final"] and json.loads((tmp_path / task / "results.json").read_text())["task"] == task
     if task == "retrieval":
-        assert {"itc/rsum", "itc_itm/rsum", "itm_all/rsum", "chance/rsum"} <= set(metrics)
+        assert {"itc/rsum", "itc_itm/rsum", "itm_all/rsum", "chance/rsum", "ceiling/rsum"} <= set(metrics)
+        assert metrics["chance/rsum"] < metrics["ceiling/rsum"] <= 600
         assert len(predictions) == 3 * 6 * 5  # protocols x images x captions
         return
     assert len(predictions) == SPLITS[f"{task}_val"]

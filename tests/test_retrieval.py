@@ -160,3 +160,21 @@ def test_read_split_keeps_every_caption_and_counts_broken_samples(tmp_path):
     assert sum(b["input_ids"].shape[0] for b in split.text_batches) == 15
     assert split.skipped == {"corrupt_image": 1, "bad_json": 1, "missing_image": 1}
     assert len(read_retrieval_split(str(tmp_path / "split"), processor, max_images=3).image_ids) == 3
+
+
+def test_oracle_recall_is_the_best_any_scorer_can_expect():
+    from soho.eval.retrieval import chance_recall, oracle_recall
+
+    text_image = torch.tensor([0, 0, 1, 1, 2, 2])
+    truth = torch.zeros(6, 3, dtype=torch.bool)
+    truth[torch.arange(6), text_image] = True
+    truth[0] = True  # caption 0 (of image 0) is true of every image
+    ceiling = oracle_recall(truth, text_image, ks=(1, 2))
+    # Image retrieval: caption 0 finds its image first 1 time in 3 (2 in 3 within two); the others always.
+    assert ceiling["img_r1"] == pytest.approx(100 * (1 / 3 + 5) / 6)
+    assert ceiling["img_r2"] == pytest.approx(100 * (2 / 3 + 5) / 6)
+    # Text retrieval: each image's specific captions come before caption 0, which fits every image.
+    assert ceiling["txt_r1"] == pytest.approx(100.0)
+    # Captions true of everything leave the oracle no better than chance.
+    everything = oracle_recall(torch.ones(6, 3, dtype=torch.bool), text_image, ks=(1, 2))
+    assert everything == pytest.approx(chance_recall(3, [2, 2, 2], ks=(1, 2)))

@@ -277,9 +277,50 @@ def chance_recall(num_images: int, captions_per_image: List[int], ks: Sequence[i
     total = sum(captions_per_image)
     metrics = {}
     for k in ks:
-        misses = [np.prod([(total - c - j) / (total - j) for j in range(min(k, total))]) for c in captions_per_image]
+        misses = [_miss_probability(total, c, k) for c in captions_per_image]
         metrics[f"txt_r{k}"] = 100.0 * (1.0 - float(np.mean(misses)))
     for k in ks:
         metrics[f"img_r{k}"] = 100.0 * min(k, num_images) / num_images
+    metrics["rsum"] = sum(metrics.values())
+    return metrics
+
+
+def _miss_probability(candidates: int, own: int, drawn: int) -> float:
+    """Probability that ``drawn`` items taken at random from ``candidates`` include none of ``own`` of them."""
+    return float(np.prod([(candidates - own - j) / (candidates - j) for j in range(min(drawn, candidates))]))
+
+
+def oracle_recall(truth: Tensor, text_image: Tensor, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
+    """Expected R@K, in percent, of an oracle that knows which caption is true of which image (``truth`` (N, M)):
+    the ceiling of any model on a split whose captions fit several images.
+
+    Image retrieval: a caption's true images rank first, in random order among themselves, so it hits at K
+    with probability min(1, K / t) for a caption true of t images. Text retrieval: an image's true captions
+    rank first, the more specific ones (true of fewer images) before the others, which is what the image's own
+    captions most likely are; ties in random order.
+    """
+    truth = truth.bool().cpu()
+    fits = truth.sum(1).clamp(min=1).double()  # images each caption is true of
+    metrics: Dict[str, float] = {}
+    text_image = text_image.cpu()
+    for k in ks:
+        hits = []
+        for image in range(truth.shape[1]):
+            true_captions = truth[:, image].nonzero(as_tuple=True)[0]
+            own = text_image[true_captions] == image
+            order = fits[true_captions]
+            seen, hit_chance = 0, 0.0
+            for specificity in order.unique(sorted=True).tolist():
+                group = order == specificity
+                slots = k - seen
+                if slots <= 0:
+                    break
+                missed = _miss_probability(int(group.sum()), int((own & group).sum()), slots)
+                hit_chance = 1.0 - (1.0 - hit_chance) * missed
+                seen += int(group.sum())
+            hits.append(hit_chance)
+        metrics[f"txt_r{k}"] = 100.0 * float(np.mean(hits))
+    for k in ks:
+        metrics[f"img_r{k}"] = 100.0 * (k / fits).clamp(max=1.0).mean().item()
     metrics["rsum"] = sum(metrics.values())
     return metrics

@@ -20,7 +20,7 @@ from accelerate.utils import gather_object
 
 from soho.data.retrieval import read_retrieval_split
 from soho.data.tasks import TaskDataset
-from soho.eval.retrieval import chance_recall, encode_gallery, retrieve
+from soho.eval.retrieval import chance_recall, encode_gallery, oracle_recall, retrieve
 from soho.eval.vqa import normalize_answer, vqa_accuracy, vqa_score
 from soho.processing import SohoProcessor
 
@@ -129,6 +129,9 @@ def evaluate_retrieval(model, shards: Union[str, List[str]], processor: SohoProc
     captions_per_image = torch.bincount(split.text_image, minlength=len(split.image_ids)).tolist()
     metrics = {f"chance/{name}": value
                for name, value in chance_recall(len(split.image_ids), captions_per_image).items()}
+    if split.truth is not None:
+        ceiling = oracle_recall(split.truth, split.text_image)
+        metrics.update({f"ceiling/{name}": value for name, value in ceiling.items()})
     costs: Dict[str, Any] = {"images": len(split.image_ids), "texts": len(split.captions),
                              "mixed_precision": mixed_precision,
                              "processes": accelerator.num_processes if accelerator is not None else 1}

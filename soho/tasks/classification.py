@@ -62,7 +62,8 @@ class ClassificationTask(FinetuneTask):
         return {"label": labels[target]}
 
     @classmethod
-    def metrics(cls, predictions: List[Dict[str, Any]]) -> Dict[str, float]:
+    def metrics(cls, predictions: List[Dict[str, Any]], labels: Sequence[str]) -> Dict[str, float]:
+        """Metrics of the gathered predictions (``labels``: the model's classes)."""
         return accuracy_metrics(predictions)
 
     @classmethod
@@ -78,7 +79,7 @@ class ClassificationTask(FinetuneTask):
         describe = (lambda target: cls.describe_target(target, labels)) if labelled else (lambda target: {})
         result = predict_classes(model, dataset, accelerator, describe)
         if labelled:
-            result.metrics = cls.metrics(result.predictions)
+            result.metrics = cls.metrics(result.predictions, labels)
         return result
 
     def evaluate(self, model: nn.Module, accelerator, name: str, shards: Union[str, List[str]]) -> SplitEvaluation:

@@ -17,7 +17,7 @@ from soho.data.samples import SampleError, decode_json
 from soho.data.shards import Sample, SkipCounter, expand_urls, stream_samples
 from soho.data.tasks import TaskExample, record_field, sample_image
 from soho.eval.tasks import SplitEvaluation, vqa_metrics, write_jsonl
-from soho.eval.vqa import AnswerVocabulary, submission
+from soho.eval.vqa import AnswerVocabulary, normalize_answer, submission, vqa_score
 from soho.models.tasks import SohoForVQA
 from soho.processing import SohoProcessor
 from soho.tasks.base import register_task
@@ -157,8 +157,15 @@ class VQATask(ClassificationTask):
         return {"answers": target}
 
     @classmethod
-    def metrics(cls, predictions: List[Dict[str, Any]]) -> Dict[str, float]:
-        return vqa_metrics(predictions)
+    def metrics(cls, predictions: List[Dict[str, Any]], labels: Sequence[str]) -> Dict[str, float]:
+        """VQA accuracy with its chance level and its ceiling: the accuracy of always picking, among the
+        classes, the best answer for the question (answers no class holds cannot be given)."""
+        metrics = vqa_metrics(predictions)
+        classes = set(labels)
+        best = [max([vqa_score(answer, p["answers"]) for answer in map(normalize_answer, p["answers"])
+                     if answer in classes], default=0.0) for p in predictions]
+        metrics["ceiling_vqa_accuracy"] = 100.0 * sum(best) / len(best)
+        return metrics
 
     @classmethod
     def add_evaluate_arguments(cls, parser: argparse.ArgumentParser) -> None:

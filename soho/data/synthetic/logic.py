@@ -14,6 +14,7 @@ one object in that relation to the one object d picks.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -56,8 +57,16 @@ def claim_from_json(data: List) -> Tuple:
 
 def truth_table(claims: List[List], scenes: List[Dict]) -> List[List[bool]]:
     """Whether each claim (JSON data, as records store them) is true of each scene graph: (claims, scenes)."""
-    decoded = [claim_from_json(claim) for claim in claims]
-    return [[holds(claim, scene) for scene in scenes] for claim in decoded]
+    rows: Dict[str, List[bool]] = {}
+    table = []
+    for claim in claims:
+        # Captions repeat ("there is one object"): each distinct claim is evaluated once.
+        key = json.dumps(claim)
+        if key not in rows:
+            decoded = claim_from_json(claim)
+            rows[key] = [holds(decoded, scene) for scene in scenes]
+        table.append(rows[key])
+    return table
 
 
 def related(scene: Dict, subject: Dict, predicate: str, obj: Dict) -> bool:
