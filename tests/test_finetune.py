@@ -186,6 +186,15 @@ def test_classification_metrics_by_hand():
     # q1 nothing and q2 0.6 (2 of 10 said "yes").
     assert VQATask.metrics(vqa, ["2", "no"])["ceiling_vqa_accuracy"] == pytest.approx(100.0)
     assert VQATask.metrics(vqa, ["yes"])["ceiling_vqa_accuracy"] == pytest.approx(30.0)
+    # Per question type, against that type's best single answer.
+    typed = [{**p, "question_type": kind} for p, kind in zip(vqa + vqa, ["count", "verify", "count", "verify"])]
+    typed[2] = {**typed[2], "id": "q3", "prediction": "3", "answers": ["3"] * 10}
+    typed[3] = {**typed[3], "id": "q4", "prediction": "no", "answers": ["no"] * 10}
+    by_type = VQATask.metrics(typed, ["2", "3", "yes", "no"])
+    assert by_type["vqa_accuracy_type_count"] == pytest.approx(100.0)
+    assert by_type["chance_vqa_accuracy_type_count"] == pytest.approx(50.0)
+    assert by_type["vqa_accuracy_type_verify"] == pytest.approx(80.0)  # "yes" 0.6, "no" 1
+    assert by_type["chance_vqa_accuracy_type_verify"] == pytest.approx(100.0)  # always "no"
     # q1: "two" normalises to "2", all 10 agree -> 1; q2: 2 of 10 say yes -> 0.6.
     assert metrics["vqa_accuracy"] == pytest.approx(80.0)
     assert metrics["vqa_accuracy_number"] == pytest.approx(100.0)

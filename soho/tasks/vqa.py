@@ -161,6 +161,17 @@ class VQATask(ClassificationTask):
         """VQA accuracy with its chance level and its ceiling: the accuracy of always picking, among the
         classes, the best answer for the question (answers no class holds cannot be given)."""
         metrics = vqa_metrics(predictions)
+        by_question_type: Dict[str, List[Dict[str, Any]]] = {}
+        for p in predictions:
+            if "question_type" in p:
+                by_question_type.setdefault(p["question_type"], []).append(p)
+        if len(by_question_type) > 1:
+            # Per question type against its prior: the best single answer for that type's questions.
+            for kind, group in sorted(by_question_type.items()):
+                scored = vqa_metrics(group)
+                name = kind.replace("/", "_").replace(" ", "_")
+                metrics[f"vqa_accuracy_type_{name}"] = scored["vqa_accuracy"]
+                metrics[f"chance_vqa_accuracy_type_{name}"] = scored["chance_vqa_accuracy"]
         classes = set(labels)
         best = [max([vqa_score(answer, p["answers"]) for answer in map(normalize_answer, p["answers"])
                      if answer in classes], default=0.0) for p in predictions]
