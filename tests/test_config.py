@@ -122,3 +122,12 @@ def test_fine_tuning_needs_its_checkpoint_and_data_named(missing, message):
     del data[section][key]
     with pytest.raises(ConfigError, match=f"^{message}"):
         from_dict(FinetuneConfig, data)
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parents[1] / "configs" / "transfer").glob("*.yaml")))
+def test_shipped_transfer_studies_validate(path):
+    from soho.train.transfer import load_transfer, run_config
+    study = load_transfer(path)
+    for task in study.tasks:
+        for start in study.start_names():
+            run_config(study, task, start, study.seeds[0], Path("runs/check"))

@@ -483,3 +483,31 @@ def test_a_new_task_is_one_module_and_a_config(world, tmp_path, monkeypatch):
                                        "--output", str(tmp_path / "eval")]) == 0
     evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert evaluated["metrics"] == pytest.approx(results["splits"]["val"]["metrics"])
+
+
+def test_transfer_study_fine_tunes_every_start_and_seed_and_tabulates_the_gain(world, tmp_path):
+    from soho.train.transfer import load_transfer, run_transfer
+
+    study = {"starts": {"pretrained": str(world / "pretrained")}, "scratch": "pretrained", "seeds": [0, 1],
+             "common": ["train.max_steps=2", "train.batch_size=4", "train.eval_batch_size=4", "data.num_workers=0",
+                        "data.shuffle_buffer=4", "optim.warmup_steps=1",
+                        f"data.train_shards={world / 'data' / 've_train'}",
+                        f"data.eval_shards={{test: {world / 'data' / 've_val'}}}"],
+             "tasks": {"ve": {"config": str(ROOT / "configs" / "finetune" / "ve_synthetic.yaml"),
+                              "metric": "test/accuracy"}}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    table = run_transfer(load_transfer(tmp_path / "study.yaml"), tmp_path / "out")
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert sorted((r["start"], r["seed"], r["from_scratch"]) for r in runs) == [
+        ("pretrained", 0, False), ("pretrained", 1, False), ("scratch", 0, True), ("scratch", 1, True)]
+    accuracy = {(r["start"], r["seed"]): r["metrics"]["test/accuracy"] for r in runs}
+    row = next(line for line in table.splitlines() if line.startswith("| ve "))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    gains = [accuracy["pretrained", s] - accuracy["scratch", s] for s in (0, 1)]
+    mean_gain = sum(gains) / 2
+    assert cells[4].startswith(f"{mean_gain:.2f} ± ")
+    assert cells[5] == f"{runs[0]['metrics']['test/chance_accuracy']:.2f}"
+    # A second call trains nothing.
+    before = {p: p.stat().st_mtime for p in (tmp_path / "out").rglob("transfer.json")}
+    assert run_transfer(load_transfer(tmp_path / "study.yaml"), tmp_path / "out") == table
+    assert before == {p: p.stat().st_mtime for p in (tmp_path / "out").rglob("transfer.json")}

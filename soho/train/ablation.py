@@ -203,23 +203,23 @@ def default_columns(ablation: AblationConfig) -> List[str]:
     return columns + ["pretrain/itm_acc", "pretrain/chance_itm_acc", "model/parameters_total"]
 
 
+def statistics(values: Sequence[Any]) -> Dict[str, float]:
+    """Mean, sample standard deviation (n - 1; NaN for one value) and n of the finite numbers in ``values``."""
+    values = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    mean = sum(values) / len(values) if values else math.nan
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else math.nan
+    return {"mean": mean, "std": std, "n": len(values)}
+
+
 def summarize(runs: Sequence[Dict[str, Any]], columns: Sequence[str]) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """Per variant and column: mean, sample standard deviation (n - 1; NaN for one seed) and n, over the
-    runs where the metric is a finite number."""
-    summary: Dict[str, Dict[str, Dict[str, float]]] = {}
-    for variant in dict.fromkeys(run["variant"] for run in runs):
-        summary[variant] = {}
-        for column in columns:
-            values = [run["metrics"].get(column) for run in runs if run["variant"] == variant]
-            values = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-            mean = sum(values) / len(values) if values else math.nan
-            std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-                   if len(values) > 1 else math.nan)
-            summary[variant][column] = {"mean": mean, "std": std, "n": len(values)}
-    return summary
+    """Per variant and column: :func:`statistics` over the runs where the metric is a finite number."""
+    return {variant: {column: statistics([run["metrics"].get(column) for run in runs if run["variant"] == variant])
+                      for column in columns}
+            for variant in dict.fromkeys(run["variant"] for run in runs)}
 
 
-def _cell(statistics: Dict[str, float]) -> str:
+def format_cell(statistics: Dict[str, float]) -> str:
+    """``mean ± std`` (``mean`` alone for one seed, ``n/a`` for none)."""
     if not statistics["n"]:
         return "n/a"
     # Counts (parameters) read better whole; recalls and accuracies need their decimals.
@@ -236,7 +236,7 @@ def format_table(summary: Dict[str, Dict[str, Dict[str, float]]], columns: Seque
     seeds = {variant: max((s["n"] for s in row.values()), default=0) for variant, row in summary.items()}
     lines = ["| variant | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for variant, row in summary.items():
-        lines.append(f"| {variant} | {seeds[variant]} | " + " | ".join(_cell(row[c]) for c in columns) + " |")
+        lines.append(f"| {variant} | {seeds[variant]} | " + " | ".join(format_cell(row[c]) for c in columns) + " |")
     if chance:
         cells = [f"{chance[c]:.2f}" if c in chance else "" for c in columns]
         lines.append("| chance | | " + " | ".join(cells) + " |")
