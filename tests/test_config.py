@@ -124,7 +124,7 @@ def test_fine_tuning_needs_its_checkpoint_and_data_named(missing, message):
         from_dict(FinetuneConfig, data)
 
 
-@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parents[1] / "configs" / "transfer").glob("*.yaml")))
+@pytest.mark.parametrize("path", sorted(map(str, (Path(__file__).parents[1] / "configs" / "transfer").glob("*.yaml"))))
 def test_shipped_transfer_studies_validate(path):
     from soho.train.transfer import load_transfer, run_config
     study = load_transfer(path)

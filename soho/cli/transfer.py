@@ -33,7 +33,8 @@ def main(argv=None) -> int:
         study.common = [*study.common, *args.overrides]
         unknown = sorted(set(args.tasks or []) - set(study.tasks))
         if unknown:
-            raise ConfigError(f"--tasks: {', '.join(unknown)} not in {args.study} (its tasks: {', '.join(study.tasks)})")
+            raise ConfigError(f"--tasks: {', '.join(unknown)} not in {args.study} "
+                              f"(its tasks: {', '.join(study.tasks)})")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         table = run_transfer(study, args.out, args.tasks)
     except ConfigError as error:
