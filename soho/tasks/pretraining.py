@@ -71,8 +71,8 @@ def held_out_metrics(model: nn.Module, dataset: PretrainingDataset, accelerator,
     sums: Dict[str, float] = defaultdict(float)
     counts: Dict[str, int] = defaultdict(int)
     unwrapped = accelerator.unwrap_model(model)
-    num_classes = {"itm": 2, "mlm": unwrapped.config.encoder.vocab_size,
-                   "mvm": unwrapped.config.visual_dictionary.size}
+    num_classes = {name: objective.num_classes for name, objective in unwrapped.objectives.items()
+                   if objective.num_classes is not None}
     histograms = {name: torch.zeros(n, dtype=torch.float64, device=accelerator.device)
                   for name, n in num_classes.items()}
     hidden_choices = []
@@ -92,7 +92,8 @@ def held_out_metrics(model: nn.Module, dataset: PretrainingDataset, accelerator,
                 sums[name] += value
                 counts[name] += 1
             for name, labels in out.labels.items():
-                histograms[name] += torch.bincount(labels, minlength=num_classes[name]).to(torch.float64)
+                if name in histograms:
+                    histograms[name] += torch.bincount(labels, minlength=num_classes[name]).to(torch.float64)
             if out.mvm_visible is not None:
                 hidden_choices.append((out.labels["mvm"], out.mvm_visible))
             batches += 1
@@ -111,8 +112,10 @@ def held_out_metrics(model: nn.Module, dataset: PretrainingDataset, accelerator,
             results[f"chance_{name}_acc"] = (histogram.max() / histogram.sum()).item()
     # A stronger MVM baseline that needs only the unmasked cells' entries: the commonest target entry
     # among those not visible in the cell's image.
-    prior = histograms["mvm"]
-    hits = sum(int((prior.expand(len(t), -1).masked_fill(v, -1.0).argmax(1) == t).sum()) for t, v in hidden_choices)
+    prior = histograms.get("mvm")
+    hits = 0
+    for targets, visible in hidden_choices:
+        hits += int((prior.expand(len(targets), -1).masked_fill(visible, -1.0).argmax(1) == targets).sum())
     tally = accelerator.reduce(torch.tensor([hits, sum(len(t) for t, _ in hidden_choices)],
                                             device=accelerator.device, dtype=torch.float64), reduction="sum")
     if tally[1] > 0:

@@ -103,6 +103,11 @@ class Objective(nn.Module):
         return cls(config)
 
     @property
+    def num_classes(self) -> Optional[int]:
+        """How many classes its ``labels`` range over, for chance levels (None: no class labels)."""
+        return None
+
+    @property
     def active(self) -> bool:
         """Whether it contributes a loss (its head exists either way)."""
         return self.weight > 0

@@ -68,6 +68,10 @@ class ClassificationMatching(ImageTextMatching):
         super().__init__(config)
         self.head = ClassifierHead(config.encoder.hidden_size, 2)
 
+    @property
+    def num_classes(self) -> int:
+        return 2
+
     def match_scores(self, pooled: Tensor) -> Tensor:
         """The logit margin, matched minus mismatched."""
         logits = self.head(pooled).float()

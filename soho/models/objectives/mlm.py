@@ -23,6 +23,10 @@ class MaskedLanguageModeling(Objective):
         encoder = config.encoder
         self.head = MLMHead(encoder.hidden_size, encoder.vocab_size, encoder.hidden_act, encoder.layer_norm_eps)
 
+    @property
+    def num_classes(self) -> int:
+        return self.config.encoder.vocab_size
+
     def prepare(self, model: nn.Module, step: PretrainingStep) -> None:
         if self.active and step.mlm_input_ids is not None:
             step.text_ids = step.mlm_input_ids

@@ -34,6 +34,10 @@ class MaskedVisualModeling(Objective):
         yield from self.parameters()
         yield model.visual_embeddings.mask_embedding
 
+    @property
+    def num_classes(self) -> int:
+        return self.config.visual_dictionary.size
+
     def prepare(self, model: nn.Module, step: PretrainingStep) -> None:
         if self.active:
             step.masked_cells = sample_mvm_mask(step.grid.indices, step.grid.mask, self.config.mvm.probability,
