@@ -188,6 +188,8 @@ def test_classification_metrics_by_hand():
     assert metrics["vqa_accuracy_yes_no"] == pytest.approx(60.0)
     # Best constant answer: "2" scores 1 + 0, "no" 0 + 1, "yes" 0 + 0.6 -> 50 %.
     assert metrics["chance_vqa_accuracy"] == pytest.approx(50.0)
+    # Officially q1's unanimous answers leave "two" unnormalised, and it is not "2": (0 + 0.6) / 2.
+    assert metrics["vqa_accuracy_official"] == pytest.approx(30.0)
 
 
 @pytest.mark.parametrize("task", ["ve", "nlvr2", "vqa", "retrieval"])
