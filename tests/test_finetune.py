@@ -201,6 +201,8 @@ def test_classification_metrics_by_hand():
     assert metrics["vqa_accuracy_yes_no"] == pytest.approx(60.0)
     # Best constant answer: "2" scores 1 + 0, "no" 0 + 1, "yes" 0 + 0.6 -> 50 %.
     assert metrics["chance_vqa_accuracy"] == pytest.approx(50.0)
+    # Officially q1's unanimous answers leave "two" unnormalised, and it is not "2": (0 + 0.6) / 2.
+    assert metrics["vqa_accuracy_official"] == pytest.approx(30.0)
 
 
 @pytest.mark.parametrize("task", ["ve", "nlvr2", "vqa", "retrieval"])
@@ -240,14 +242,19 @@ def test_from_scratch_keeps_the_architecture_but_not_the_weights(world, tmp_path
                            pretrained.soho.encoder.layers[0].attention.query.weight)
 
 
-def test_retrieval_itc_needs_an_itc_checkpoint(world, tmp_path):
+def test_retrieval_adds_missing_itc_heads_with_a_note(world, tmp_path, caplog):
     config = run_config(world, "retrieval", tmp_path, **{"init.model_overrides": "['itc.enabled=false']"})
-    with pytest.raises(ConfigError, match="no ITC heads"):
-        TASKS["retrieval"](config).setup(accelerator=None)
-    # ITM alone needs no ITC heads; the objectives it leaves out (MLM, MVM, ITC) weigh 0.
-    task = TASKS["retrieval"](run_config(world, "retrieval", tmp_path, **{
-        "init.model_overrides": "['itc.enabled=false']", "retrieval.objectives": "{itm: 1.0}"}))
+    task = TASKS["retrieval"](config)
     task.setup(accelerator=None)
+    assert task.architecture.itc.enabled and "has no ITC heads (pre-trained without ITC)" in caplog.text
+    # ITM alone needs no ITC heads, as long as no protocol ranks with them; the objectives it leaves out weigh 0.
+    without_itc = {"init.model_overrides": "['itc.enabled=false']", "retrieval.objectives": "{itm: 1.0}"}
+    with pytest.raises(ConfigError, match=r"retrieval.protocols \['itc', 'itc_itm'\] need ITC heads"):
+        TASKS["retrieval"](run_config(world, "retrieval", tmp_path, **without_itc)).setup(accelerator=None)
+    task = TASKS["retrieval"](run_config(world, "retrieval", tmp_path, **without_itc,
+                                         **{"retrieval.protocols": "[itm_all]"}))
+    task.setup(accelerator=None)
+    assert not task.architecture.itc.enabled
     assert task.architecture.loss_weights == {"itc": 0.0, "itm": 1.0, "mlm": 0.0, "mvm": 0.0}
 
 

@@ -48,7 +48,7 @@ def test_pretrain_without_a_config_outside_a_checkout_says_where_to_run(tmp_path
 
 DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml", "faiss": "faiss-cpu"}
 """Distributions whose module has another name."""
-OPTIONAL = {"soho/analysis/figures.py": "analysis"}
+OPTIONAL = {"soho/analysis/figures.py": "analysis", "soho/analysis/curves.py": "analysis"}
 """Modules that may import what only an extra installs (and say so when it is missing)."""
 
 

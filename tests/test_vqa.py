@@ -2,7 +2,18 @@ import json
 
 import pytest
 
-from soho.eval.vqa import AnswerVocabulary, answer_scores, normalize_answer, submission, vqa_accuracy, vqa_score
+from soho.eval.vqa import (
+    CONTRACTIONS,
+    OFFICIAL,
+    SOHO,
+    AnswerVocabulary,
+    Scoring,
+    answer_scores,
+    normalize_answer,
+    submission,
+    vqa_accuracy,
+    vqa_score,
+)
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -27,7 +38,16 @@ from soho.eval.vqa import AnswerVocabulary, answer_scores, normalize_answer, sub
     ("dont", "don't"),
     ("isnt", "isn't"),
     ("cant", "can't"),
-    ("im", "i'm"),
+    ("im", "im"),                       # the official table's "Im" never matches a lower-cased word
+    ("oclock", "o'clock"),
+    ("yall", "y'all"),
+    ("hed", "he'd"),
+    ("whered", "where'd"),
+    ("couldn'tve", "couldn't've"),
+    ("somebody'd", "somebodyd"),        # the one entry that removes an apostrophe
+    ("two oclock", "2 o'clock"),
+    ("its 2:00", "its 2:00"),           # a colon is no punctuation to the official script
+    ("." * 40, "." * 8),                # it removes at most 32 periods
     ("wont", "won't"),
     ("don't", "don't"),
     ("It's   a   CAT", "it's cat"),
@@ -63,6 +83,47 @@ def test_vqa_score_without_ten_answers_is_plain_min(answers, expected):
 def test_vqa_score_normalises_both_sides():
     assert vqa_score("Two", ["2", "two.", "the two"] + ["3"] * 7) == pytest.approx(0.9)
     assert vqa_score("2", ["Two"]) == pytest.approx(1 / 3)
+
+
+def test_the_contraction_table_is_the_official_one():
+    assert len(CONTRACTIONS) == 120
+    assert {"oclock", "yall", "hed", "maam", "twas", "somebodyll", "y'allll"} <= set(CONTRACTIONS)
+    assert all("'" in value or key == "somebody'd" for key, value in CONTRACTIONS.items())
+
+
+# (prediction, answers, official score, soho score), worked out by hand from the official script's rules.
+SCORING_CASES = [
+    # Annotators disagree: both sides are normalised, by either rule.
+    ("oclock", ["o'clock"] * 9 + ["3"], 1.0, 1.0),
+    ("Two", ["2", "two.", "the two"] + ["3"] * 7, 0.9, 0.9),
+    # All ten agree: officially nothing is normalised, the prediction must equal the answer as typed.
+    ("2", ["2"] * 10, 1.0, 1.0),
+    ("two", ["2"] * 10, 0.0, 1.0),
+    ("yes", ["Yes"] * 10, 0.0, 1.0),
+    ("  yes\n", ["yes"] * 10, 1.0, 1.0),     # whitespace is stripped in either case
+    # Fewer than ten answers: officially the leave-one-out mean, soho's min(matches / 3, 1).
+    ("yes", ["yes"], 0.0, 1 / 3),
+    ("yes", ["yes", "no"], (0 + 1 / 3) / 2, 1 / 3),
+    ("yes", ["yes"] * 4 + ["no"] * 2, (4 * 1 + 2 * 1) / 6, 1.0),
+    ("yes", ["yes"] * 2 + ["no"] * 2, (2 * (1 / 3) + 2 * (2 / 3)) / 4, 2 / 3),
+]
+
+
+@pytest.mark.parametrize("prediction, answers, official, soho", SCORING_CASES)
+def test_official_and_soho_scoring(prediction, answers, official, soho):
+    assert vqa_score(prediction, answers, OFFICIAL) == pytest.approx(official)
+    assert vqa_score(prediction, answers, SOHO) == pytest.approx(soho)
+    assert vqa_score(prediction, answers) == pytest.approx(soho)
+
+
+def test_each_difference_switches_off_on_its_own():
+    assert vqa_score("two", ["2"] * 10, Scoring(always_normalize=False)) == 0.0
+    assert vqa_score("yes", ["yes"], Scoring(always_normalize=False)) == pytest.approx(1 / 3)
+    assert vqa_score("yes", ["yes"], Scoring(plain_score_unless_ten=False)) == 0.0
+    assert vqa_score("two", ["2"] * 10, Scoring(plain_score_unless_ten=False)) == 1.0
+    predictions, answers = {"1": "two", "2": "yes"}, {"1": ["2"] * 10, "2": ["yes"] * 3 + ["no"] * 7}
+    assert vqa_accuracy(predictions, answers, OFFICIAL) == pytest.approx(100 * (0.0 + 0.9) / 2)
+    assert vqa_accuracy(predictions, answers) == pytest.approx(100 * (1.0 + 0.9) / 2)
 
 
 def test_vqa_score_rejects_no_answers():

@@ -21,7 +21,7 @@ from accelerate.utils import gather_object
 from soho.data.retrieval import read_retrieval_split
 from soho.data.tasks import TaskDataset
 from soho.eval.retrieval import chance_recall, encode_gallery, oracle_recall, retrieve
-from soho.eval.vqa import normalize_answer, vqa_accuracy, vqa_score
+from soho.eval.vqa import OFFICIAL, normalize_answer, vqa_accuracy, vqa_score
 from soho.processing import SohoProcessor
 
 logger = logging.getLogger(__name__)
@@ -53,11 +53,14 @@ def accuracy_metrics(predictions: List[Dict[str, Any]]) -> Dict[str, float]:
 
 def vqa_metrics(predictions: List[Dict[str, Any]]) -> Dict[str, float]:
     """VQA accuracy of ``prediction`` against the annotators' ``answers``, overall and per ``answer_type``,
-    with the best single answer for every question as chance."""
+    with the best single answer for every question as chance; ``vqa_accuracy_official`` is the overall
+    accuracy by the official evaluation's rules (:data:`soho.eval.vqa.OFFICIAL`), the evaluation server's number."""
     if not predictions:
         raise ValueError("no predictions to score: the split was empty or every sample was skipped")
     answers = {p["id"]: p["answers"] for p in predictions}
-    metrics = {"vqa_accuracy": vqa_accuracy({p["id"]: p["prediction"] for p in predictions}, answers)}
+    predicted = {p["id"]: p["prediction"] for p in predictions}
+    metrics = {"vqa_accuracy": vqa_accuracy(predicted, answers),
+               "vqa_accuracy_official": vqa_accuracy(predicted, answers, OFFICIAL)}
     by_type: Dict[str, List[float]] = {}
     for p in predictions:
         by_type.setdefault(p.get("answer_type", "all"), []).append(vqa_score(p["prediction"], p["answers"]))

@@ -1,22 +1,33 @@
 """VQA v2 evaluation: the official answer normalisation, soft accuracy, and an answer vocabulary.
 
-The metric follows the official VQA evaluation: an answer is fully correct when at least
-3 of the annotators gave it, and with the usual 10 answers per question the score is
-averaged over the 10 subsets that leave one annotator out, so a prediction matching
-k annotators scores 0.3, 0.6, 0.9, 1.0 for k = 1, 2, 3, 4+.
+The normalisation is the official evaluation's (GT-Vision-Lab/VQA,
+``PythonEvaluationTools/vqaEvaluation/vqaEval.py``): its punctuation rules, number words to digits,
+no articles, and its table of 120 contractions written without their apostrophe. A prediction is
+fully correct when at least 3 annotators gave it; with the usual 10 answers per question the score
+is averaged over the 10 subsets that leave one annotator out, so a prediction matching k annotators
+scores 0.3, 0.6, 0.9, 1.0 for k = 1, 2, 3, 4+.
 
-Unlike the official script, which only normalises when the annotators disagree, both the
-prediction and every ground-truth answer are always normalised: the metric then does not
-depend on how consistently the annotators happened to type an answer.
+soho departs from the official script in two deliberate ways, both switchable (:class:`Scoring`):
+:data:`SOHO` has them and is the default, :data:`OFFICIAL` has neither and gives the evaluation
+server's number.
 
-Training as classification over the most frequent answers uses :func:`answer_scores` as
-soft targets, so the loss and the metric reward exactly the same answers.
+- **Always normalise.** The official script normalises the prediction and the answers only when the
+  annotators disagree; when all of them typed the same answer, the prediction must equal it as typed
+  (whitespace stripped), so "Yes" scores 0 against ten "yes". soho normalises both sides always, so the
+  metric does not depend on how consistently the annotators happened to type an answer.
+- **Fewer than ten answers.** The official script averages over the leave-one-out subsets whatever
+  the number of answers, which scores every prediction 0 on a question with a single answer; soho
+  scores ``min(matches / 3, 1)`` unless there are ten.
+
+Training as classification over the most frequent answers uses :func:`answer_scores` as soft
+targets, computed with soho's rules, so the loss and the default metric reward exactly the same answers.
 """
 from __future__ import annotations
 
 import json
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -26,26 +37,63 @@ NUMBER_WORDS: Dict[str, str] = {
     "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }
 ARTICLES = frozenset({"a", "an", "the"})
+# The official table, entry for entry. It is looked up after lower-casing, so its capitalised keys
+# ("Im", "Ive", "Id've", "I'dve") never apply and "im" stays "im"; "somebody'd" maps to "somebodyd".
 CONTRACTIONS: Dict[str, str] = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
-    "havent": "haven't", "hes": "he's", "im": "i'm", "ive": "i've", "isnt": "isn't", "itll": "it'll",
-    "lets": "let's", "mightnt": "mightn't", "mustnt": "mustn't", "shes": "she's", "shouldve": "should've",
-    "shouldnt": "shouldn't", "thats": "that's", "theres": "there's", "theyre": "they're", "theyve": "they've",
-    "wasnt": "wasn't", "werent": "weren't", "weve": "we've", "whats": "what's", "wheres": "where's",
-    "whos": "who's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "youd": "you'd",
-    "youll": "you'll", "youre": "you're", "youve": "you've",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's",
+    "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
+    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas",
+    "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
+    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
+    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've",
 }
 # The apostrophe is deliberately absent so that contractions survive; the period is handled apart.
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
                ",", "?", "!")
 # A period not followed by a digit ends a sentence or an abbreviation; "2.5" keeps its decimal point.
 _PERIOD = re.compile(r"\.(?!\d)")
+# The official script passes re.UNICODE (32) where re.sub takes its count: it removes at most 32 periods.
+_MAX_PERIODS_REMOVED = 32
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 # Leave-one-out averaging needs the 10 answers that every VQA v2 question has.
 NUM_ANNOTATORS = 10
 # Answers given by this many annotators (of those counted) are fully correct.
 FULL_AGREEMENT = 3
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """Which of soho's deliberate departures from the official evaluation apply (see the module docstring)."""
+
+    always_normalize: bool = True
+    """Normalise the prediction and every answer, also when all annotators gave the same answer."""
+    plain_score_unless_ten: bool = True
+    """With other than ten answers, score ``min(matches / 3, 1)`` instead of the leave-one-out mean."""
+
+
+SOHO = Scoring()
+OFFICIAL = Scoring(always_normalize=False, plain_score_unless_ten=False)
 
 
 def _strip_punctuation(text: str) -> str:
@@ -56,21 +104,24 @@ def _strip_punctuation(text: str) -> str:
     out = text
     for mark in PUNCTUATION:
         out = out.replace(mark, "" if remove or mark + " " in text or " " + mark in text else " ")
-    return _PERIOD.sub("", out)
+    return _PERIOD.sub("", out, count=_MAX_PERIODS_REMOVED)
+
+
+def _clean_whitespace(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
 def normalize_answer(text: str) -> str:
-    """The official VQA normalisation: lower case, punctuation, number words to digits, no articles,
+    """The official VQA normalisation: punctuation, lower case, number words to digits, no articles,
     missing apostrophes restored, single spaces."""
-    text = text.lower().replace("\n", " ").replace("\t", " ").strip()
-    words = [NUMBER_WORDS.get(word, word) for word in _strip_punctuation(text).split()]
+    words = [NUMBER_WORDS.get(word, word) for word in _strip_punctuation(_clean_whitespace(text)).lower().split()]
     return " ".join(CONTRACTIONS.get(word, word) for word in words if word not in ARTICLES)
 
 
-def _soft_score(prediction: str, answers: Sequence[str]) -> float:
-    # Both sides already normalised.
+def _soft_score(prediction: str, answers: Sequence[str], plain_score_unless_ten: bool) -> float:
+    # Both sides already in the form they are compared in.
     matches = sum(answer == prediction for answer in answers)
-    if len(answers) != NUM_ANNOTATORS:
+    if plain_score_unless_ten and len(answers) != NUM_ANNOTATORS:
         return min(matches / FULL_AGREEMENT, 1.0)
     # Leaving out an annotator who gave the prediction drops one match; there are `matches` of them.
     left_out_match = matches * min((matches - 1) / FULL_AGREEMENT, 1.0)
@@ -78,15 +129,18 @@ def _soft_score(prediction: str, answers: Sequence[str]) -> float:
     return (left_out_match + left_out_other) / len(answers)
 
 
-def vqa_score(prediction: str, answers: Sequence[str]) -> float:
+def vqa_score(prediction: str, answers: Sequence[str], scoring: Scoring = SOHO) -> float:
     """Soft accuracy (0..1) of one predicted answer against the annotators' answers.
 
-    With 10 answers: the mean over the 10 leave-one-out subsets of min(matches / 3, 1);
-    with any other number: min(matches / 3, 1).
+    With 10 answers: the mean over the 10 leave-one-out subsets of min(matches / 3, 1); with any
+    other number: min(matches / 3, 1) under :data:`SOHO`, the leave-one-out mean under :data:`OFFICIAL`.
     """
     if not answers:
         raise ValueError("vqa_score: no ground-truth answers to score the prediction against")
-    return _soft_score(normalize_answer(prediction), [normalize_answer(answer) for answer in answers])
+    prediction, answers = _clean_whitespace(prediction), [_clean_whitespace(answer) for answer in answers]
+    if scoring.always_normalize or len(set(answers)) > 1:
+        prediction, answers = normalize_answer(prediction), [normalize_answer(answer) for answer in answers]
+    return _soft_score(prediction, answers, scoring.plain_score_unless_ten)
 
 
 def _describe(question_ids: Sequence[str], limit: int = 5) -> str:
@@ -95,8 +149,9 @@ def _describe(question_ids: Sequence[str], limit: int = 5) -> str:
     return f"{shown} (and {more} more)" if more > 0 else shown
 
 
-def vqa_accuracy(predictions: Mapping[str, str], answers: Mapping[str, Sequence[str]]) -> float:
-    """Mean :func:`vqa_score` over the questions, in percent.
+def vqa_accuracy(predictions: Mapping[str, str], answers: Mapping[str, Sequence[str]],
+                 scoring: Scoring = SOHO) -> float:
+    """Mean :func:`vqa_score` over the questions, in percent (:data:`OFFICIAL` scoring: the server's number).
 
     Every question must have both a prediction and at least one answer: a partial evaluation
     would report a number that is not comparable with anything, so it is an error.
@@ -112,7 +167,7 @@ def vqa_accuracy(predictions: Mapping[str, str], answers: Mapping[str, Sequence[
         raise ValueError("vqa_accuracy: " + "; ".join(problems))
     if not answers:
         raise ValueError("vqa_accuracy: no questions to evaluate")
-    total = sum(vqa_score(predictions[qid], answers[qid]) for qid in answers)
+    total = sum(vqa_score(predictions[qid], answers[qid], scoring) for qid in answers)
     return 100.0 * total / len(answers)
 
 
@@ -131,11 +186,13 @@ def submission(predictions: Mapping[str, str]) -> List[Dict[str, Union[int, str]
 
 
 def answer_scores(answers: Sequence[str]) -> Dict[str, float]:
-    """Soft target of every distinct normalised answer: its :func:`vqa_score` as if it were predicted."""
+    """Soft target of every distinct normalised answer: its :func:`vqa_score` (soho's scoring) as if it were
+    predicted."""
     if not answers:
         raise ValueError("answer_scores: no answers")
     normalized = [normalize_answer(answer) for answer in answers]
-    return {answer: _soft_score(answer, normalized) for answer in dict.fromkeys(normalized)}
+    return {answer: _soft_score(answer, normalized, SOHO.plain_score_unless_ten)
+            for answer in dict.fromkeys(normalized)}
 
 
 class AnswerVocabulary:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from soho.processing import SohoProcessor
 from soho.tasks.base import StepOutput, register_task
 from soho.tasks.finetuning import FinetuneConfig, FinetuneDataConfig, FinetuneTask
 from soho.tasks.pretraining import model_inputs, step_output
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,11 +80,22 @@ class RetrievalTask(FinetuneTask):
         options = self.config.retrieval
         for name in options.objectives:
             OBJECTIVES.lookup(name, f"retrieval.objectives.{name}")
-        if options.objectives.get("itc", 0.0) > 0 and not checkpoint.itc.enabled:
-            raise ConfigError(f"retrieval.objectives.itc is on but {self.config.init.checkpoint} has no ITC heads; "
-                              "set retrieval.objectives.itc=0 or init.model_overrides=['itc.enabled=true']")
+        itc = checkpoint.itc
+        if options.objectives.get("itc", 0.0) > 0 and not itc.enabled:
+            # The paper recipe pre-trains without ITC (configs/pretrain/coco_vg_r101.yaml) and soho's retrieval
+            # configs rank with it; its heads are only two projections and a temperature on the pre-trained encoder.
+            logger.warning("%s has no ITC heads (pre-trained without ITC); retrieval fine-tuning adds them, "
+                           "randomly initialised, and trains them with weight %s (retrieval.objectives.itc=0 "
+                           "fine-tunes ITM alone)", self.config.init.checkpoint, options.objectives["itc"])
+            itc = dataclasses.replace(itc, enabled=True)
+        needing_itc = [protocol for protocol in options.protocols if protocol != "itm_all"]
+        if needing_itc and not itc.enabled:
+            raise ConfigError(f"retrieval.protocols {needing_itc} need ITC heads, which {self.config.init.checkpoint} "
+                              "lacks and retrieval.objectives.itc=0 does not train; use protocols [itm_all] or "
+                              "train ITC")
         return dataclasses.replace(
             checkpoint,
+            itc=itc,
             loss_weights={name: float(options.objectives.get(name, 0.0)) for name in OBJECTIVES},
             itm=dataclasses.replace(checkpoint.itm, hard_negatives=options.hard_negatives),
         )
