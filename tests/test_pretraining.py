@@ -149,6 +149,8 @@ def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
     # BatchNorm statistics freeze after step 2: a resumed run must freeze them again.
     full = train(run_config(world, tmp_path / "full", freeze_backbone_norm_at=2))
     assert full["steps"] == 6 and full["task"] == "pretraining"
+    curves = tmp_path / "full" / "curves"
+    assert (curves / "losses.png").stat().st_size > 0 and (curves / "accuracy.png").stat().st_size > 0
     for name in ("itm_acc", "mlm_acc", "mvm_acc"):
         assert 0 <= held_out(full)["chance_" + name] <= 1 and 0 <= held_out(full)[name] <= 1
     steps = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full") if "loss" in r}

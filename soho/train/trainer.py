@@ -11,6 +11,7 @@ and evaluation) comes from the task (:mod:`soho.tasks`). A run writes, under ``t
 - ``checkpoints/step_<N>/`` with ``train.save_every`` (full training state, resumable);
 - ``<export>/`` (``pretrained/`` or ``model/``): the trained model and its processor (``from_pretrained``);
 - ``results.json``: metrics per split (with chance levels), cost, parameters, config;
+- ``curves/losses.png`` and ``curves/accuracy.png``: the curves of ``metrics.jsonl`` (with the ``analysis`` extra);
 - ``predictions_<split>.jsonl`` for tasks that predict examples.
 """
 from __future__ import annotations
@@ -277,9 +278,21 @@ class Trainer:
                 if evaluation["predictions"]:
                     write_jsonl(self.output_dir / f"predictions_{name}.jsonl", evaluation["predictions"])
             (self.output_dir / "results.json").write_text(json.dumps(results, indent=2))
+            self.plot_curves()
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return results
+
+
+    def plot_curves(self) -> None:
+        """``curves/losses.png`` and ``curves/accuracy.png`` of ``metrics.jsonl`` (with matplotlib)."""
+        try:
+            from soho.analysis.curves import plot_metrics
+        except ModuleNotFoundError as error:  # an optional dependency
+            logger.warning("%s; no training curves drawn", error)
+            return
+        for path in plot_metrics(self.output_dir / "metrics.jsonl", self.output_dir / "curves"):
+            logger.info("wrote %s", path)
 
 
 def train(config) -> Dict[str, Any]:
