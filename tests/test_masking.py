@@ -109,3 +109,19 @@ def test_mvm_masks_of_an_image_do_not_depend_on_the_rest_of_the_batch():
     halves = torch.cat([sample_mvm_mask(indices[:3], valid[:3], 0.5, seeds[:3]),
                         sample_mvm_mask(indices[3:], valid[3:], 0.5, seeds[3:])])
     assert torch.equal(whole, halves) and whole.any()
+
+
+def test_rare_anchors_mask_every_entry_present_alike():
+    # 15 background cells of entry 0 and one object cell of entry 7, in 4,000 images.
+    indices = torch.zeros(4000, 4, 4, dtype=torch.long)
+    indices[:, 0, 0] = 7
+    valid = torch.ones(4000, 4, 4, dtype=torch.bool)
+    seeds = torch.arange(4000)
+    object_masked = {anchor: sample_mvm_mask(indices, valid, 1.0, seeds, anchor)[:, 0, 0].float().mean().item()
+                     for anchor in ("uniform", "rare")}
+    assert abs(object_masked["uniform"] - 1 / 16) < 0.015  # SOHO: one cell in 16
+    assert abs(object_masked["rare"] - 1 / 2) < 0.03  # one entry in 2
+    # Either way a whole entry is masked, and padding never is.
+    valid[:, 3] = False
+    masked = sample_mvm_mask(indices, valid, 1.0, seeds, "rare")
+    assert not masked[:, 3].any() and ((masked.sum((1, 2)) == 1) | (masked.sum((1, 2)) == 11)).all()

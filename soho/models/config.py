@@ -211,6 +211,10 @@ class MVMConfig:
     (docs/BENCHMARKS.md)."""
     temperature: float = 0.1
     """``cosine`` only: logits are cosine similarities divided by this."""
+    anchor: Literal["uniform", "rare"] = "uniform"
+    """Which entry a picked image masks (every cell of it): that of a cell drawn uniformly (``uniform``, SOHO), so
+    mostly the background's, or of a cell drawn with weight one over its entry's cell count (``rare``), so each
+    entry present alike, objects as often as the background."""
     exclude_visible: bool = False
     """Rule out the entries of the image's unmasked cells: masking takes every cell of the
     picked entry, so the answer is never among them (the release scores all entries)."""

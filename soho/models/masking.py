@@ -70,22 +70,31 @@ def keyed_uniform(seeds: Tensor, count: int) -> Tensor:
     return ((x >> 40) & ((1 << 24) - 1)).to(torch.float32) / float(1 << 24)
 
 
-def sample_mvm_mask(indices: Tensor, valid: Tensor, probability: float, seeds: Tensor) -> Tensor:
+def sample_mvm_mask(indices: Tensor, valid: Tensor, probability: float, seeds: Tensor,
+                    anchor: str = "uniform") -> Tensor:
     """SOHO's masked visual modelling mask, (B, h, w) bool.
 
-    Each image is picked with ``probability``; for a picked image one valid cell is
-    drawn at random and every valid cell mapped to the same dictionary entry is masked,
-    so the model cannot copy the answer from a neighbouring cell with the same entry.
-    ``seeds`` (B,) key each image's draws (:func:`keyed_uniform`).
+    Each image is picked with ``probability``; for a picked image one valid cell is drawn at random (the
+    anchor) and every valid cell mapped to the same dictionary entry is masked, so the model cannot copy the
+    answer from a neighbouring cell with the same entry. ``anchor``: ``uniform`` draws every valid cell
+    alike (SOHO), so the entries covering most of the image (background) are masked most often; ``rare``
+    draws a cell with weight one over how many cells of its image share its entry, so every entry present
+    is masked equally often, objects as often as the background. ``seeds`` (B,) key each image's draws
+    (:func:`keyed_uniform`).
     """
     batch = indices.shape[0]
     flat_indices = indices.reshape(batch, -1)
     flat_valid = valid.reshape(batch, -1).bool()
     draws = keyed_uniform(seeds.to(indices.device), 1 + flat_valid.shape[1])
     picked = draws[:, 0] < probability
-    # A random valid cell per image: the arg-max of random scores over valid cells.
-    anchor = draws[:, 1:].masked_fill(~flat_valid, -1.0).argmax(dim=1)
-    anchor_entry = flat_indices.gather(1, anchor[:, None])
+    scores = draws[:, 1:]
+    if anchor == "rare":
+        same = (flat_indices[:, :, None] == flat_indices[:, None, :]) & flat_valid[:, None, :]
+        # The arg-max of u^(1/w) draws each cell with probability proportional to w (Efraimidis-Spirakis).
+        scores = scores.clamp(min=1e-12).log() * same.sum(2).clamp(min=1).float()
+    # A random valid cell per image: the arg-max of its scores over valid cells.
+    anchor_cell = scores.masked_fill(~flat_valid, float("-inf")).argmax(dim=1)
+    anchor_entry = flat_indices.gather(1, anchor_cell[:, None])
     masked = (flat_indices == anchor_entry) & flat_valid & picked[:, None] & flat_valid.any(1, keepdim=True)
     return masked.view_as(valid)
 

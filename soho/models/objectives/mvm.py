@@ -41,7 +41,7 @@ class MaskedVisualModeling(Objective):
     def prepare(self, model: nn.Module, step: PretrainingStep) -> None:
         if self.active:
             step.masked_cells = sample_mvm_mask(step.grid.indices, step.grid.mask, self.config.mvm.probability,
-                                                step.image_seeds)
+                                                step.image_seeds, self.config.mvm.anchor)
 
     def forward(self, model: nn.Module, step: PretrainingStep) -> ObjectiveOutput:
         grid, partners = step.grid, step.partners
