@@ -225,3 +225,24 @@ def test_pretraining_batches_say_which_captions_are_true_of_which_images(world):
             assert truth[row].tolist() == [holds(claims[text], scene) for scene in scenes]
             checked += 1
     assert checked >= truth.shape[0] // 2
+
+
+def test_shuffled_captions_move_with_their_claims(world):
+    from soho.data.pretraining import PretrainingDataConfig, PretrainingDataset
+    from soho.tokenizer import load_tokenizer
+
+    root, _, _ = world
+    tokenizer = load_tokenizer(root / "tokenizer")
+    batches = {}
+    for shuffle in (False, True):
+        data = PretrainingDataConfig(shards=str(root / "pretrain"), captions_per_image=1, shuffle_buffer=0,
+                                     shuffle_captions=shuffle)
+        batches[shuffle] = next(iter(PretrainingDataset(data, tokenizer, batch_size=8, repeat=False)))
+    plain, shuffled = batches[False], batches[True]
+    assert torch.equal(plain["pixel_values"], shuffled["pixel_values"])
+    # The same captions, given to other images; each keeps its truth row.
+    rows = {tuple(ids.tolist()): row for row, ids in zip(plain["caption_truth"], plain["input_ids"])}
+    moved = [tuple(ids.tolist()) for ids in shuffled["input_ids"]]
+    assert sorted(moved) == sorted(rows) and moved != [tuple(ids.tolist()) for ids in plain["input_ids"]]
+    for ids, row in zip(moved, shuffled["caption_truth"]):
+        assert torch.equal(row, rows[ids])

@@ -37,6 +37,9 @@ class PretrainingDataConfig:
     resampled: bool = False
     max_skip_fraction: float = 0.05
     """A run stops with an error once more than this fraction of samples was skipped."""
+    shuffle_captions: bool = False
+    """Give each image of a batch another image's captions: a text-ablated control, whose MVM shows how much
+    predicting masked cells uses the caption."""
     eval_shards: Dict[str, str] = field(default_factory=dict)
     """Held-out image-caption splits (name -> shards), evaluated at the end and every ``train.eval_every`` steps."""
 
@@ -112,7 +115,14 @@ class PretrainingDataset(ShardStream):
 
     def collate(self, items, key: int) -> Dict[str, Any]:
         images, captions, image_ids, meanings = zip(*items)
-        batch = self.collator(images, captions, image_ids, torch.Generator().manual_seed(key))
+        generator = torch.Generator().manual_seed(key)
+        if self.config.shuffle_captions:
+            order = torch.randperm(len(items), generator=generator).tolist()
+            captions = [captions[i] for i in order]
+            if all(meaning is not None for meaning in meanings):
+                meanings = [{"scene": meaning["scene"], "claims": meanings[i]["claims"]}
+                            for meaning, i in zip(meanings, order)]
+        batch = self.collator(images, captions, image_ids, generator)
         if all(meaning is not None for meaning in meanings):
             claims = [claim for meaning in meanings for claim in meaning["claims"]]
             batch["caption_truth"] = torch.tensor(truth_table(claims, [meaning["scene"] for meaning in meanings]))
