@@ -38,11 +38,12 @@ class ImageTextMatching(Objective):
         return self.config.itm.use_truth and step.caption_truth is not None
 
     def negative_weights(self, step: PretrainingStep, num_images: int) -> Tensor:
-        """(N, B) how likely each image is drawn as a caption's negative: uniform, or in proportion to ITC
-        similarity with ``itm.hard_negatives``; never the caption's own image, nor (with ``itm.use_truth``) an
+        """(N, B) how likely each image is drawn as a caption's negative: uniform, or in training with
+        ``itm.hard_negatives`` in proportion to ITC similarity (evaluation keeps uniform negatives, so held-out
+        accuracies compare across settings); never the caption's own image, nor (with ``itm.use_truth``) an
         image the caption is true of; every other one drawable. A row may be all zeros: no negative exists."""
         num_texts = step.image_index.shape[0]
-        if self.config.itm.hard_negatives:
+        if self.config.itm.hard_negatives and self.training:
             weights = step.text_to_image_logits.detach().float().softmax(dim=1)
         else:
             weights = torch.ones(num_texts, num_images, device=step.image_index.device)
