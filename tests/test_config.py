@@ -122,3 +122,27 @@ def test_fine_tuning_needs_its_checkpoint_and_data_named(missing, message):
     del data[section][key]
     with pytest.raises(ConfigError, match=f"^{message}"):
         from_dict(FinetuneConfig, data)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.rest.lr=.nan", "optim.rest.lr: expected a finite number, got nan"),
+    ("optim.rest.lr=1e999", "optim.rest.lr: expected a finite number, got inf"),
+    ("optim.backbone.lr=-.inf", "optim.backbone.lr: expected a finite number, got -inf"),
+    ("optim.rest.lr=1e6", r"optim.rest.lr must be in \(0, 10\], got 1000000.0"),
+    ("optim.rest.betas=[0.9, 1.5]", r"optim.rest.betas must be in \[0, 1\)"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
+    ("train.max_minutes=.inf", "train.max_minutes: expected float or null, got inf"),
+])
+def test_non_finite_and_absurd_hyper_parameters_fail_validation(override, message):
+    from soho.tasks import load_run_config
+    data = ["data.shards=data/synthetic/pretrain", "data.tokenizer=data/synthetic/tokenizer"]
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        load_run_config(None, [*data, override], default_task="pretraining")
+
+
+def test_configs_built_in_code_refuse_nan_too():
+    from soho.train.config import OptimizerConfig
+    with pytest.raises(ConfigError, match="lr must be in"):
+        OptimizerConfig(lr=float("nan"))
+    with pytest.raises(ConfigError, match="expected a finite number"):
+        from_dict(Outer, {"inner": {"rate": 10 ** 400}})
