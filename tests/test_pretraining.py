@@ -13,6 +13,7 @@ from PIL import Image
 
 from soho.config import from_dict, to_dict
 from soho.data.pretraining import PretrainingDataConfig, PretrainingDataset
+from soho.data.shards import DataError
 from soho.data.stream import stream_loader
 from soho.tasks import PretrainConfig
 from soho.tokenizer import train_wordpiece_tokenizer
@@ -186,7 +187,7 @@ def test_short_run_lowers_the_loss(world, tmp_path):
 def test_too_many_skips_stop_the_run(world, tmp_path):
     config = run_config(world, tmp_path / "strict", max_steps=40, save_every=100)
     config.data.max_skip_fraction = 0.01
-    with pytest.raises(RuntimeError, match="max_skip_fraction"):
+    with pytest.raises(DataError, match="max_skip_fraction"):
         train(config)
 
 

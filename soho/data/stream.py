@@ -3,7 +3,9 @@ logging and exact resumption need.
 
 A stream reads its (rank, DataLoader worker) slice of the shards (:func:`soho.data.shards.worker_stream`),
 decodes each sample (a sample that cannot be used is skipped, logged and counted, never dropped
-silently) and collates ``batch_size`` of them. Every batch says which reader made it (``worker``), how
+silently) and collates ``batch_size`` of them. A training stream that finds nothing usable in
+:data:`~soho.data.shards.MAX_SKIPS_IN_A_ROW` attempts in a row stops with a
+:class:`~soho.data.shards.DataError` rather than spin. Every batch says which reader made it (``worker``), how
 many shuffled samples that reader had handed out (``position``), how many it skipped since its last
 batch and why (``skipped``), and how many samples it holds (``samples``). ``start_positions`` (worker ->
 position) skips what a checkpointed run had already seen, undecoded, so a resumed run sees the batches
@@ -12,13 +14,14 @@ for the same reason.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from soho.data.samples import SampleError
-from soho.data.shards import Sample, SkipCounter, expand_urls, fast_forward, worker_stream
+from soho.data.shards import MAX_SKIPS_IN_A_ROW, Sample, expand_urls, fast_forward, worker_stream
 
 
 class ShardStream(IterableDataset):
@@ -52,11 +55,13 @@ class ShardStream(IterableDataset):
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
-        samples, skips, worker, reader_seed = worker_stream(self.urls, self.seed, self.rank, self.world_size,
-                                                            self.repeat, self.shuffle_buffer, self.resampled)
+        # A one-pass stream ends by itself; an endless one must give up on data it cannot use.
+        samples, skips, worker, reader_seed = worker_stream(
+            self.urls, self.seed, self.rank, self.world_size, self.repeat, self.shuffle_buffer, self.resampled,
+            max_skips_in_a_row=MAX_SKIPS_IN_A_ROW if self.repeat else None)
         position = fast_forward(samples, self.start_positions.get(worker, 0))
         items: List[Any] = []
-        reported = SkipCounter()
+        reported: Counter = Counter()
         for sample in samples:
             position += 1
             try:
@@ -64,9 +69,10 @@ class ShardStream(IterableDataset):
             except SampleError as error:
                 skips.skip(error.reason, f"{sample.get('__url__', '')}:{sample.get('__key__', '?')}", error)
                 continue
+            skips.note_usable()
             if len(items) == self.batch_size:
                 yield self._batch(items, reader_seed, worker, position, skips - reported)
-                reported = SkipCounter(skips)
+                reported = Counter(skips)
                 items = []
         if items:
             yield self._batch(items, reader_seed, worker, position, skips - reported)
@@ -74,7 +80,7 @@ class ShardStream(IterableDataset):
             yield {"skipped": dict(skips - reported), "samples": 0, "worker": worker, "position": position}
 
     def _batch(self, items: List[Any], reader_seed: int, worker: int, position: int,
-               skipped: SkipCounter) -> Dict[str, Any]:
+               skipped: Counter) -> Dict[str, Any]:
         batch = self.collate(items, hash((reader_seed, position)) & 0x7FFFFFFF)
         batch.update(worker=worker, position=position, skipped=dict(skipped), samples=len(items))
         return batch

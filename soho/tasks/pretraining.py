@@ -16,7 +16,7 @@ from soho.eval.tasks import SplitEvaluation
 from soho.models.config import SohoConfig
 from soho.models.soho import SohoForPretraining
 from soho.processing import SohoProcessor
-from soho.tasks.base import RunConfig, StepOutput, Task, register_task
+from soho.tasks.base import RunConfig, StepOutput, Task, check_shards, register_task
 from soho.tokenizer import load_tokenizer
 from soho.train.config import OptimConfig, TrainConfig
 
@@ -134,7 +134,12 @@ class PretrainingTask(Task):
 
             ensure_world(config.synthetic_root, SyntheticWorldConfig())
         accelerator.wait_for_everyone()
-        self.tokenizer = load_tokenizer(config.data.tokenizer)
+        check_shards("data.shards", config.data.shards)
+        check_shards("data.eval_shards", config.data.eval_shards)
+        try:
+            self.tokenizer = load_tokenizer(config.data.tokenizer)
+        except OSError as error:
+            raise ConfigError(f"data.tokenizer: {error}") from None
         if len(self.tokenizer) > config.model.encoder.vocab_size:
             raise ConfigError(f"the tokenizer has {len(self.tokenizer)} tokens but model.encoder.vocab_size is "
                               f"{config.model.encoder.vocab_size}")
