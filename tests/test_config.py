@@ -132,6 +132,7 @@ def test_fine_tuning_needs_its_checkpoint_and_data_named(missing, message):
     ("optim.rest.betas=[0.9, 1.5]", r"optim.rest.betas must be in \[0, 1\)"),
     ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
     ("train.max_minutes=.inf", "train.max_minutes: expected float or null, got inf"),
+    ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps must be >= 1"),
 ])
 def test_non_finite_and_absurd_hyper_parameters_fail_validation(override, message):
     from soho.tasks import load_run_config

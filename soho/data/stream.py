@@ -14,7 +14,9 @@ for the same reason.
 """
 from __future__ import annotations
 
+import signal
 from collections import Counter
+from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from soho.data.samples import SampleError
 from soho.data.shards import MAX_SKIPS_IN_A_ROW, Sample, expand_urls, fast_forward, worker_stream
+from soho.train.signals import STOP_SIGNALS
 
 
 class ShardStream(IterableDataset):
@@ -86,12 +89,35 @@ class ShardStream(IterableDataset):
         return batch
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A worker leaves SIGTERM and SIGINT to the main process (soho/train/signals.py), which shuts it down.
+    Launchers signal whole process groups, and a worker killed mid-batch would make the main process fail
+    before it could write its checkpoint."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def stream_loader(stream: IterableDataset, num_workers: int, seed: int, pin_memory: bool = False) -> DataLoader:
     """Batches are built inside the workers, so the loader passes them through unchanged.
 
     The loader gets its own generator: drawing its base seed from the global one would shift the
-    model's random stream, and a resumed run would diverge from the original.
+    model's random stream, and a resumed run would diverge from the original. Its workers ignore stop
+    signals (:func:`ignore_stop_signals`): iterate it with :func:`loader_batches`.
     """
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals)
+
+
+@contextmanager
+def loader_batches(loader: DataLoader) -> Iterator[Iterator[Dict[str, Any]]]:
+    """Iterate ``loader``; its workers are shut down on leaving, an error included. They ignore stop signals
+    (:func:`ignore_stop_signals`), so nothing else would stop them: Python's exit would wait for them forever."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        # torch's multi-process iterator; one that reads in the main process (num_workers=0) has no workers.
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()

@@ -106,11 +106,14 @@ class TrainConfig:
     freeze_backbone_norm_at: Optional[int] = None
     """From this optimizer step on, the backbone's BatchNorm layers use their running statistics
     (``Backbone.freeze_norm_statistics``), so dictionary assignments stop depending on the batch."""
+    max_nonfinite_steps: int = 10
+    """A step whose loss or gradient norm is not finite is skipped on every process; this many in a row stop
+    the run (exit code 3) before it burns more time."""
 
     def __post_init__(self):
         if self.freeze_backbone_norm_at is not None and self.freeze_backbone_norm_at < 0:
             raise ConfigError(f"train.freeze_backbone_norm_at must be >= 0, got {self.freeze_backbone_norm_at}")
-        for name in ("max_steps", "batch_size", "eval_batch_size", "log_every", "keep_last"):
+        for name in ("max_steps", "batch_size", "eval_batch_size", "log_every", "keep_last", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("save_every", "eval_every"):
