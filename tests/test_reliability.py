@@ -269,7 +269,7 @@ def test_a_failed_save_removes_its_temporary_directory_and_reports_free_space(wo
 
     monkeypatch.setattr(SohoForPretraining, "save_pretrained", disk_full_on_second_save)
     with pytest.raises(CheckpointSaveError, match=r"step_4: OSError: \[Errno 28\] No space left on device; removed "
-                                                  r"the partial step_4.tmp-\w+; [\d.]+ GiB free on "):
+                                                  r"the partial step_4.tmp-\w+; [\d.]+ [MG]iB free on "):
         train(run_config(world, tmp_path, save_every=2))
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_2"]
     assert verify_checkpoint(tmp_path / "checkpoints" / "step_2") is None

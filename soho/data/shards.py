@@ -114,8 +114,9 @@ class SkipCounter(Counter):
     def _nothing_usable(self, key: str) -> None:
         self.in_a_row += 1
         if self.limit is not None and self.in_a_row >= self.limit:
+            examples = "; the warnings above show examples of each reason" if self else ""
             raise DataError(f"{self.source or key}: no usable sample in {self.in_a_row} attempts in a row (so far: "
-                            f"{self.summary()}); the warnings above show examples of each reason")
+                            f"{self.summary()}){examples}")
 
 
 def _split_name(name: str) -> Tuple[str, str]:

@@ -163,8 +163,9 @@ def save_checkpoint(accelerator: Accelerator, model: nn.Module, output_dir: Path
     except Exception as error:  # torch and safetensors report a full disk as RuntimeError or their own errors
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(root).free if root.is_dir() else 0
+        space = f"{free / 2**30:.1f} GiB" if free >= 2**30 else f"{free / 2**20:.1f} MiB"
         raise CheckpointSaveError(f"could not write checkpoint {final}: {type(error).__name__}: {error}; removed "
-                                  f"the partial {tmp.name}; {free / 2**30:.2f} GiB free on {root}") from error
+                                  f"the partial {tmp.name}; {space} free on {root}") from error
     if accelerator.is_main_process:
         # Checkpoints past this step are ones a resume passed over as damaged: they stay until this run
         # writes their steps again.

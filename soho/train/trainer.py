@@ -274,8 +274,9 @@ class Trainer:
             raise TrainingDiverged(
                 f"training diverged: {self.nonfinite_in_a_row} steps in a row (to step {self.step}) had a non-finite "
                 f"loss or gradient norm (train.max_nonfinite_steps={config.train.max_nonfinite_steps}); their "
-                f"optimizer steps were skipped and nothing was saved since; {self._newest_checkpoint()}. Lower the "
-                "learning rate (optim.*.lr), clip gradients (optim.grad_clip) or check the data")
+                f"optimizer steps were skipped, the weights are those of step {self.step - self.nonfinite_in_a_row}; "
+                f"{self._newest_checkpoint()}. Lower the learning rate (optim.*.lr), clip gradients "
+                "(optim.grad_clip) or check the data")
         return True
 
     def _count_nonfinite(self) -> None:
