@@ -3,12 +3,14 @@
 Every config in soho is a dataclass. :func:`from_dict` builds one from plain
 data and checks every key and value against the dataclass' type hints, so a
 typo or a wrong type fails before any work starts, with the dotted path of the
-offending key in the message. ``__post_init__`` methods check cross-field
-constraints; they run for configs built in code too.
+offending key in the message. A float field never takes NaN or an infinity: no
+setting means either. ``__post_init__`` methods check cross-field constraints and
+bounds; they run for configs built in code too.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -16,10 +18,12 @@ from typing import Any, Dict, List, Literal, Sequence, Tuple, Type, TypeVar, Uni
 
 import yaml
 
+from soho.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 
@@ -86,7 +90,13 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         raise ConfigError(f"{path}: expected int, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond any float
+                number = math.inf
+            if not math.isfinite(number):
+                raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+            return number
         raise ConfigError(f"{path}: expected float, got {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -104,6 +104,7 @@ def run(config_path: str, out: Path) -> None:
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if "visual_dictionary" in n}
     torch.save({"losses": losses, "grads": grads, "buffers": buffers},
                out / f"{config.task}_rank{accelerator.process_index}.pt")
+    trainer.close()
 
 
 def main(argv=None) -> int:

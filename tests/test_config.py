@@ -131,3 +131,28 @@ def test_shipped_transfer_studies_validate(path):
     for task in study.tasks:
         for start in study.start_names():
             run_config(study, task, start, study.seeds[0], Path("runs/check"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.rest.lr=.nan", "optim.rest.lr: expected a finite number, got nan"),
+    ("optim.rest.lr=1e999", "optim.rest.lr: expected a finite number, got inf"),
+    ("optim.backbone.lr=-.inf", "optim.backbone.lr: expected a finite number, got -inf"),
+    ("optim.rest.lr=1e6", r"optim.rest.lr must be in \(0, 10\], got 1000000.0"),
+    ("optim.rest.betas=[0.9, 1.5]", r"optim.rest.betas must be in \[0, 1\)"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
+    ("train.max_minutes=.inf", "train.max_minutes: expected float or null, got inf"),
+    ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps must be >= 1"),
+])
+def test_non_finite_and_absurd_hyper_parameters_fail_validation(override, message):
+    from soho.tasks import load_run_config
+    data = ["data.shards=data/synthetic/pretrain", "data.tokenizer=data/synthetic/tokenizer"]
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        load_run_config(None, [*data, override], default_task="pretraining")
+
+
+def test_configs_built_in_code_refuse_nan_too():
+    from soho.train.config import OptimizerConfig
+    with pytest.raises(ConfigError, match="lr must be in"):
+        OptimizerConfig(lr=float("nan"))
+    with pytest.raises(ConfigError, match="expected a finite number"):
+        from_dict(Outer, {"inner": {"rate": 10 ** 400}})

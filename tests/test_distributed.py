@@ -34,8 +34,10 @@ def harness_outputs(tmp_path_factory):
     train = {"max_steps": 10, "batch_size": 4, "log_every": 1, "seed": 3}
     optim = {"grad_clip": 0.0, "warmup_steps": 0}
     unread = {"train_shards": str(root / "unread"), "eval_shards": {"val": str(root / "unread")}}
+    # The harness feeds its own batches: the shards are never read, only checked to exist at set-up.
+    (root / "unread").mkdir()
+    (root / "unread" / "unread.tar").touch()
     configs = {
-        # The harness feeds its own batches: the shards are never read.
         "pretraining": {"model": to_dict(model_config),
                         "data": {"tokenizer": str(root / "tokenizer"), "shards": str(root / "unread")}},
         "retrieval": {"init": {"checkpoint": str(root / "pretrained")}, "data": unread,

@@ -129,6 +129,9 @@ def test_checkpoints_with_heads_beside_the_model_still_load(tmp_path):
               else key: tensor for key, tensor in load_file(str(weights)).items()}
     assert {"mlm_head.bias", "itm_head.classifier.weight", "itc_head.log_temperature"} <= set(legacy)
     save_file(legacy, str(weights))
+    record = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    del record["sha256"]  # which such checkpoints predate as well
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(record))
     loaded = SohoForPretraining.from_pretrained(tmp_path / "ckpt").eval()  # strict: every tensor placed
     for key, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], tensor), key
@@ -143,6 +146,35 @@ def test_pickled_checkpoints_are_refused(tmp_path, config):
         SohoForPretraining.from_pretrained(directory)
     with pytest.raises(FileNotFoundError, match="not found"):
         SohoForPretraining.from_pretrained(tmp_path / "nowhere")
+
+
+def test_damaged_weights_are_refused_by_name(tmp_path, config):
+    SohoForPretraining(config).save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x10  # one flipped bit in a weight: safetensors itself would load it
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{weights} is damaged: its sha256 differs"):
+        SohoForPretraining.from_pretrained(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda b: b["image_index"].__setitem__(0, 4), r"image_index must be in \[0, 4\), got values from 0 to 4"),
+    (lambda b: b["image_index"].__setitem__(0, -1), r"image_index must be in \[0, 4\), got values from -1"),
+    (lambda b: b["input_ids"].__setitem__((0, 1), VOCAB), rf"input_ids must be in \[0, {VOCAB}\)"),
+    (lambda b: b["mlm_input_ids"].__setitem__((0, 1), VOCAB + 5), rf"mlm_input_ids must be in \[0, {VOCAB}\)"),
+    (lambda b: b["pixel_values"].__setitem__((1, 0, 0, 0), float("nan")), "pixel_values holds NaN or infinite"),
+])
+def test_model_entry_points_name_bad_inputs(config, change, message):
+    model = SohoForPretraining(config)
+    batch = tiny_batch()
+    change(batch)
+    with pytest.raises(ValueError, match=message):
+        model(**batch)
+    if "mlm" not in message:  # the bare model and the pair scores check the same inputs
+        inputs = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "image_index")}
+        with pytest.raises(ValueError, match=message):
+            model.score(**inputs)
 
 
 def test_initialisation_from_a_local_bert_checkpoint(tmp_path):

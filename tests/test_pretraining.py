@@ -13,7 +13,8 @@ from PIL import Image
 
 from soho.config import from_dict, to_dict
 from soho.data.pretraining import PretrainingDataConfig, PretrainingDataset
-from soho.data.stream import stream_loader
+from soho.data.shards import DataError
+from soho.data.stream import loader_batches, stream_loader
 from soho.tasks import PretrainConfig
 from soho.tokenizer import train_wordpiece_tokenizer
 from soho.train.trainer import train
@@ -132,8 +133,9 @@ def test_two_ranks_two_workers_see_every_image_once(world):
     for rank in range(2):
         dataset = PretrainingDataset(data_config(world), tokenizer_of(world), batch_size=3, rank=rank,
                                      world_size=2, repeat=False)
-        for batch in stream_loader(dataset, 2, dataset.seed):
-            ids += batch["image_ids"].tolist()
+        with loader_batches(stream_loader(dataset, 2, dataset.seed)) as loaded:
+            for batch in loaded:
+                ids += batch["image_ids"].tolist()
     assert len(ids) == len(set(ids)) == 48
 
 
@@ -188,7 +190,7 @@ def test_short_run_lowers_the_loss(world, tmp_path):
 def test_too_many_skips_stop_the_run(world, tmp_path):
     config = run_config(world, tmp_path / "strict", max_steps=40, save_every=100)
     config.data.max_skip_fraction = 0.01
-    with pytest.raises(RuntimeError, match="max_skip_fraction"):
+    with pytest.raises(DataError, match="max_skip_fraction"):
         train(config)
 
 

@@ -97,6 +97,22 @@ def test_masked_rows_do_not_update():
     assert out.indices.shape == (6,)  # padded rows are still quantised, just not counted
 
 
+def test_a_non_finite_batch_leaves_the_dictionary_as_it_was():
+    vd = make_vd(size=4, dim=3, init="data").train()
+    vd(torch.randn(8, 3))
+    before = {name: buffer.clone() for name, buffer in vd.named_buffers()}
+    features = torch.randn(8, 3)
+    features[2, 1] = float("nan")
+    vd(features)
+    for name, buffer in vd.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+    # Seeding from data takes finite features only.
+    fresh = make_vd(size=2, dim=3, init="data").train()
+    features[5] = float("inf")
+    fresh(features)
+    assert fresh.initialized.item() and torch.isfinite(fresh.embedding).all()
+
+
 def test_momentum_ramp():
     vd = make_vd(momentum=0.9, momentum_schedule="ramp", momentum_start=0.1, ramp_steps=4)
     values = []

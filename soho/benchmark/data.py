@@ -14,7 +14,7 @@ import torch
 from soho.benchmark.step import BareTrainer, model_inputs, time_steps, to_device
 from soho.benchmark.timing import median, synchronize
 from soho.data.pretraining import PretrainingDataset
-from soho.data.stream import stream_loader
+from soho.data.stream import loader_batches, stream_loader
 from soho.tasks import PretrainConfig
 
 
@@ -29,31 +29,29 @@ def loader_throughput(dataset: PretrainingDataset, workers: int, batches: int, w
     the steps after the loader's prefetched batches are used up).
     """
     start = time.perf_counter()
-    iterator = iter(stream_loader(dataset, workers, dataset.seed))
-    next(iterator)
-    first_batch = time.perf_counter() - start
-    for _ in range(warmup):
+    with loader_batches(stream_loader(dataset, workers, dataset.seed)) as iterator:
         next(iterator)
-    samples = 0
-    start = time.perf_counter()
-    for _ in range(batches):
-        samples += next(iterator)["samples"]
-    seconds = time.perf_counter() - start
-    result = {"workers": workers, "first_batch_seconds": first_batch, "batches_per_second": batches / seconds,
-              "samples_per_second": samples / seconds}
-    if train_step is not None and train_steps > 0:
-        waits, steps = [], []
-        for _ in range(train_steps):
-            start = time.perf_counter()
-            batch = next(iterator)
-            waits.append(time.perf_counter() - start)
-            train_step(batch)
-            synchronize(device)
-            steps.append(time.perf_counter() - start)
-        result.update(fed_wait_ms_mean=1000 * sum(waits) / train_steps, fed_step_ms_median=1000 * median(steps),
-                      fed_samples_per_second=samples / batches / median(steps))
-    # Deleting the only iterator of a loader with persistent workers stops them.
-    del iterator
+        first_batch = time.perf_counter() - start
+        for _ in range(warmup):
+            next(iterator)
+        samples = 0
+        start = time.perf_counter()
+        for _ in range(batches):
+            samples += next(iterator)["samples"]
+        seconds = time.perf_counter() - start
+        result = {"workers": workers, "first_batch_seconds": first_batch, "batches_per_second": batches / seconds,
+                  "samples_per_second": samples / seconds}
+        if train_step is not None and train_steps > 0:
+            waits, steps = [], []
+            for _ in range(train_steps):
+                start = time.perf_counter()
+                batch = next(iterator)
+                waits.append(time.perf_counter() - start)
+                train_step(batch)
+                synchronize(device)
+                steps.append(time.perf_counter() - start)
+            result.update(fed_wait_ms_mean=1000 * sum(waits) / train_steps, fed_step_ms_median=1000 * median(steps),
+                          fed_samples_per_second=samples / batches / median(steps))
     return result
 
 

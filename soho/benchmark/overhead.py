@@ -5,8 +5,8 @@ Both train copies of one freshly initialised model, with the same optimizers and
 steps. The framework side is :meth:`soho.train.trainer.Trainer.train_batch` as ``Trainer.fit`` drives
 it: Accelerate's prepare, accumulate, autocast, backward and gradient clipping, the task's step,
 the metrics window (a JSON record every ``train.log_every``), the data-state bookkeeping, and the
-per-step ``max_minutes`` agreement; evaluation and checkpoints, which run every few hundred steps,
-are left out. The bare side is :class:`BareTrainer`.
+per-step agreement of the processes (non-finite steps, stop signals, ``max_minutes``); evaluation and
+checkpoints, which run every few hundred steps, are left out. The bare side is :class:`BareTrainer`.
 
 The loops alternate step by step, each starting from the same random seed, so they see the same
 ITM negatives and MVM masks (their losses agree, ``max_loss_difference``) and share whatever
@@ -48,7 +48,6 @@ def framework_overhead(config: PretrainConfig, batches: Sequence[Dict], steps: i
 
         def framework_step(i: int) -> float:
             trainer.train_batch(batches[i % len(batches)])
-            trainer.out_of_time()
             return trainer.last_output.loss.detach()
 
         def bare_step(i: int) -> torch.Tensor:

@@ -33,9 +33,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from soho.cli import report
 from soho.config import ConfigError
+from soho.errors import SohoError
 from soho.tasks import TASKS, Task
-from soho.tasks.base import import_modules
+from soho.tasks.base import check_shards, import_modules
 
 
 def evaluate(args) -> dict:
@@ -76,8 +78,14 @@ def main(argv=None) -> int:
         sub.add_argument("--output", default=f"runs/evaluate/{name}")
         task.add_evaluate_arguments(sub)
     args = parser.parse_args(argv)
+    if not Path(args.checkpoint).is_dir():
+        parser.exit(2, f"{parser.prog}: error: --checkpoint {args.checkpoint}: no such directory\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    results = evaluate(args)
+    try:
+        check_shards("--shards", args.shards)
+        results = evaluate(args)
+    except SohoError as error:
+        return report(parser.prog, error)
     if results:
         print(json.dumps(results.get("submission", results["metrics"]), indent=2))
     return 0

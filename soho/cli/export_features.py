@@ -20,8 +20,8 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from soho.config import ConfigError
 from soho.data.shards import SkipCounter, expand_urls
+from soho.errors import UserError
 from soho.features import (
     FEATURES,
     FORMATS,
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
             inputs, total = {"images": args.images, "captions": args.captions}, len(listing)
             with_captions = args.captions is not None
         features = check_features(args.features, model, with_captions)
-    except (OSError, ValueError, ConfigError) as error:
+    except (OSError, ValueError, UserError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     index = export_features(model, processor, items, args.out, features, accelerator, args.batch_size,
                             args.part_size, args.format, args.dtype, skips,

@@ -6,23 +6,22 @@ import json
 import logging
 from typing import Optional, Sequence
 
-from soho.config import ConfigError
+from soho.cli import report
+from soho.errors import SohoError
 from soho.tasks import load_run_config
-from soho.train.trainer import train
+from soho.train.trainer import json_safe, train
 
 
 def run(parser: argparse.ArgumentParser, config: str, overrides: Sequence[str],
         default_task: Optional[str] = None) -> int:
-    """Train the task ``config`` names; a user error (config, missing files found at set-up) is one line, exit 2."""
+    """Train the task ``config`` names. How a run can end early (a user error, exit code 2; divergence, 3; a stop
+    signal after its checkpoint, 128 + the signal) is one line on stderr and the exit code, not a traceback."""
     try:
         run_config = load_run_config(config, overrides, default_task=default_task)
-    except ConfigError as error:
-        parser.error(str(error))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         results = train(run_config)
-    except ConfigError as error:  # raised while setting up (tokenizer, checkpoint, vocabulary), before any step
-        parser.error(str(error))
-    print(json.dumps({"task": results["task"], "steps": results["steps"],
-                      **{name: split["metrics"] for name, split in results["splits"].items()}}, indent=2))
+    except SohoError as error:
+        return report(parser.prog, error)
+    print(json.dumps(json_safe({"task": results["task"], "steps": results["steps"],
+                                **{name: split["metrics"] for name, split in results["splits"].items()}}), indent=2))
     return 0

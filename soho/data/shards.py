@@ -10,16 +10,41 @@ import logging
 import os
 import random
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from braceexpand import braceexpand
 from torch.utils.data import get_worker_info
 
+from soho.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 Sample = Dict[str, Any]
+
+MAX_SKIPS_IN_A_ROW = 1000
+"""A training stream that skips this many samples or shards in a row, with nothing usable in between, stops
+with a :class:`DataError`: its data is broken, and it would otherwise spin forever."""
+LOGGED_SKIPS_PER_REASON = 5
+"""Skips of one reason logged one by one; later ones only in a summary, at most every SKIP_SUMMARY_SECONDS."""
+SKIP_SUMMARY_SECONDS = 60.0
+
+
+class DataError(UserError):
+    """Shards that cannot be used: missing, empty, unreadable, or without a usable sample."""
+
+    def __init__(self, message: str):
+        # Raised in a DataLoader worker, it reaches the main process rebuilt from the worker's formatted
+        # traceback (torch's ExceptionWrapper): what the user needs is the message, not the worker's stack.
+        super().__init__(message.strip().rpartition(f"{__name__}.DataError: ")[2])
+
+
+def describe_shards(urls: Sequence[str]) -> str:
+    """``3 shards (a.tar, b.tar, c.tar)``; the first three and how many more."""
+    more = f" and {len(urls) - 3} more" if len(urls) > 3 else ""
+    return f"{len(urls)} shard{'s' if len(urls) != 1 else ''} ({', '.join(urls[:3])}{more})"
 
 
 def expand_urls(spec: Union[str, Sequence[str]]) -> List[str]:
@@ -31,25 +56,67 @@ def expand_urls(spec: Union[str, Sequence[str]]) -> List[str]:
             if os.path.isdir(expanded):
                 found = sorted(str(p) for p in Path(expanded).glob("*.tar"))
                 if not found:
-                    raise FileNotFoundError(f"no .tar shards in directory {expanded}")
+                    raise DataError(f"no .tar shards in directory {expanded}")
                 urls.extend(found)
                 continue
             matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
             missing = [m for m in matches if not os.path.isfile(m)]
             if not matches or missing:
-                raise FileNotFoundError(f"shard not found: {missing[0] if missing else expanded} (from {item!r})")
+                origin = f" (from {item!r})" if str(item) != expanded else ""
+                raise DataError(f"shard not found: {missing[0] if missing else expanded}{origin}")
             urls.extend(matches)
     if not urls:
-        raise FileNotFoundError(f"no shards found for {spec!r}")
+        raise DataError(f"no shards found for {spec!r}")
     return urls
 
 
 class SkipCounter(Counter):
-    """Samples dropped from a stream, by reason; every skip is also logged."""
+    """Samples (and shards) dropped from a stream, by reason: nothing is dropped silently, and nothing floods
+    the log. The first LOGGED_SKIPS_PER_REASON skips of each reason are logged one by one, later ones in a
+    summary at most every SKIP_SUMMARY_SECONDS.
+
+    With ``limit``, ``limit`` skips or empty shards in a row (no :meth:`note_usable` in between) raise a
+    :class:`DataError` naming ``source`` and the reasons.
+    """
+
+    def __init__(self, *counts, limit: Optional[int] = None, source: str = ""):
+        super().__init__(*counts)
+        self.limit = limit
+        self.source = source
+        self.empty_shards = 0
+        self.in_a_row = 0
+        self.last_summary = time.monotonic()
 
     def skip(self, reason: str, key: str, detail: Any = "") -> None:
         self[reason] += 1
-        logger.warning("skipping sample %s: %s %s", key, reason, detail)
+        if self[reason] <= LOGGED_SKIPS_PER_REASON:
+            later = " (further skips of this reason are summarised)" if self[reason] == LOGGED_SKIPS_PER_REASON else ""
+            logger.warning("skipping sample %s: %s %s%s", key, reason, detail, later)
+        elif time.monotonic() - self.last_summary > SKIP_SUMMARY_SECONDS:
+            self.last_summary = time.monotonic()
+            logger.warning("skipped so far%s: %s", f" in {self.source}" if self.source else "", self.summary())
+        self._nothing_usable(key)
+
+    def empty_shard(self, url: str) -> None:
+        """A shard without files (a converter writes one when every sample it planned was unusable): no sample
+        is skipped, but nothing usable came either."""
+        self.empty_shards += 1
+        self._nothing_usable(url)
+
+    def note_usable(self) -> None:
+        """A usable sample came: the run of skips is broken."""
+        self.in_a_row = 0
+
+    def summary(self) -> str:
+        counts = [f"{reason} {count}" for reason, count in self.most_common()]
+        return ", ".join(counts + ([f"empty shards {self.empty_shards}"] if self.empty_shards else [])) or "nothing"
+
+    def _nothing_usable(self, key: str) -> None:
+        self.in_a_row += 1
+        if self.limit is not None and self.in_a_row >= self.limit:
+            examples = "; the warnings above show examples of each reason" if self else ""
+            raise DataError(f"{self.source or key}: no usable sample in {self.in_a_row} attempts in a row (so far: "
+                            f"{self.summary()}){examples}")
 
 
 def _split_name(name: str) -> Tuple[str, str]:
@@ -62,11 +129,12 @@ def _split_name(name: str) -> Tuple[str, str]:
 def read_shard(url: str, skips: SkipCounter) -> Iterator[Sample]:
     """Samples (raw bytes by extension, plus ``__key__`` and ``__url__``) of one tar shard.
 
-    Members sharing a key form one sample, as in webdataset. A truncated or unreadable
-    shard ends with a counted skip: Python's tarfile would otherwise stop quietly at a
+    Members sharing a key form one sample, as in webdataset. A truncated, unreadable or
+    empty shard ends with a counted skip: Python's tarfile would otherwise stop quietly at a
     cut-off header and the rest of the shard would vanish unnoticed.
     """
     sample: Sample = {}
+    found = False
     try:
         with open(url, "rb") as stream:
             tar = tarfile.open(fileobj=stream, mode="r|")
@@ -79,6 +147,7 @@ def read_shard(url: str, skips: SkipCounter) -> Iterator[Sample]:
                     sample = {}
                 if not sample:
                     sample = {"__key__": key, "__url__": url}
+                    found = True
                 sample[extension.lower()] = tar.extractfile(member).read()
             if sample:
                 yield sample
@@ -86,6 +155,8 @@ def read_shard(url: str, skips: SkipCounter) -> Iterator[Sample]:
             stream.seek(tar.offset)
             if stream.read().strip(b"\0"):
                 skips.skip("truncated_shard", url, f"data after byte {tar.offset} is not a tar member")
+            elif not found:
+                skips.empty_shard(url)
     except (OSError, tarfile.TarError) as error:
         skips.skip("unreadable_shard", url, repr(error))
 
@@ -142,16 +213,18 @@ def shuffle(samples: Iterable[Sample], buffer_size: int, seed: int) -> Iterator[
 
 
 def worker_stream(urls: Sequence[str], seed: int, rank: int, world_size: int, repeat: bool, shuffle_buffer: int,
-                  resampled: bool = False) -> Tuple[Iterator[Sample], SkipCounter, int, int]:
+                  resampled: bool = False, max_skips_in_a_row: Optional[int] = None,
+                  ) -> Tuple[Iterator[Sample], SkipCounter, int, int]:
     """The shuffled raw samples of the calling DataLoader worker (or of the main process).
 
-    Returns the stream, its skip counter, the worker id and the reader's seed (for any
-    other randomness that must be reproducible per reader).
+    Returns the stream, its skip counter (``max_skips_in_a_row``: its limit), the worker id and the reader's
+    seed (for any other randomness that must be reproducible per reader).
     """
     info = get_worker_info()
     worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
     reader_seed = hash((seed, rank, worker))
-    skips = SkipCounter()
+    skips = SkipCounter(limit=max_skips_in_a_row,
+                        source=f"{describe_shards(urls)}, read by rank {rank} worker {worker}")
     samples = stream_samples(urls, seed, rank, world_size, worker, num_workers, skips, repeat=repeat,
                              resampled=resampled)
     return shuffle(samples, shuffle_buffer, reader_seed), skips, worker, reader_seed
@@ -169,6 +242,6 @@ def fast_forward(samples: Iterator[Sample], count: int) -> int:
 def check_skip_fraction(skipped: int, seen: int, limit: float) -> None:
     """Stop a run whose data is broken: more than ``limit`` of at least 100 samples skipped."""
     if seen >= 100 and skipped / seen > limit:
-        raise RuntimeError(f"{skipped} of {seen} samples were skipped ({skipped / seen:.1%} > "
-                           f"data.max_skip_fraction={limit}); the data is broken, see the warnings above "
-                           "for which samples and why")
+        raise DataError(f"{skipped} of {seen} samples were skipped ({skipped / seen:.1%} > "
+                        f"data.max_skip_fraction={limit}); the data is broken, see the warnings above "
+                        "for which samples and why")

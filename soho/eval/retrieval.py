@@ -27,6 +27,7 @@ from accelerate.utils import broadcast
 from torch import Tensor
 
 from soho.models.soho import SohoForPretraining
+from soho.train.signals import stop_requested
 
 Protocol = Literal["itm_all", "itc", "itc_itm"]
 PROTOCOLS: Tuple[str, ...] = ("itm_all", "itc", "itc_itm")
@@ -181,6 +182,11 @@ def _pair_scores(model: SohoForPretraining, gallery: EncodedGallery, text_rows: 
                  batch_size: int, mixed_precision: MixedPrecision) -> Tensor:
     scores = []
     for start in range(0, len(text_rows), batch_size):
+        if stop_requested():
+            # The run is stopping and discards this evaluation; the pairs left rank last, so that the
+            # gathers that follow keep their shapes on every rank.
+            scores.append(gallery.text_embeddings.new_full((len(text_rows) - start,), float("-inf")))
+            break
         t = text_rows[start:start + batch_size]
         i = image_rows[start:start + batch_size]
         with autocast(gallery.image_tokens.device, mixed_precision):

@@ -23,6 +23,7 @@ from soho.data.tasks import TaskDataset
 from soho.eval.retrieval import chance_recall, encode_gallery, oracle_recall, retrieve
 from soho.eval.vqa import OFFICIAL, normalize_answer, vqa_accuracy, vqa_score
 from soho.processing import SohoProcessor
+from soho.train.signals import stop_requested
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ def predict_classes(model, dataset: TaskDataset, accelerator=None,
     predictions: List[Dict[str, Any]] = []
     skipped: Counter = Counter()
     for batch in dataset:
+        if stop_requested():  # the run is stopping: the gather below still runs on every rank
+            break
         skipped.update(batch["skipped"])
         if not batch["samples"]:
             continue
@@ -110,7 +113,7 @@ def predict_classes(model, dataset: TaskDataset, accelerator=None,
     predictions.sort(key=lambda p: p["id"])
     if skipped:
         logger.warning("skipped %d samples of %s: %s", sum(skipped.values()), dataset.urls[:3], dict(skipped))
-    if not predictions:
+    if not predictions and not stop_requested():
         raise ValueError(f"no predictions for {dataset.urls[:3]}: the split is empty or every sample was skipped "
                          f"({dict(skipped)})")
     return SplitEvaluation(metrics={}, predictions=predictions, skipped=dict(skipped))

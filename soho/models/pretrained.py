@@ -1,11 +1,14 @@
 """Saving and loading soho models as directories: ``config.json`` + ``model.safetensors``.
 
 Loading reads only JSON and safetensors, never a pickle: a checkpoint is data, and
-unpickling someone's file runs their code.
+unpickling someone's file runs their code. ``config.json`` records the sha256 of the
+weights, and loading checks it: a damaged copy fails, naming the file, instead of loading
+flipped bits.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -33,6 +36,14 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 FORMAT_VERSION = 1
 
 M = TypeVar("M", bound="SohoPreTrainedModel")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _without_external_weights(config: SohoConfig) -> SohoConfig:
@@ -141,17 +152,18 @@ class SohoPreTrainedModel(nn.Module):
                 "attention_score_added": added_parameters(self)}
 
     def save_pretrained(self, directory: str | Path, processor=None) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (dictionary buffers included)."""
+        """Write ``model.safetensors`` (dictionary buffers included), then ``config.json`` with its sha256."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "architecture": type(self).__name__})
         record = {
             "format_version": FORMAT_VERSION,
             "architecture": type(self).__name__,
             "config": to_dict(_without_external_weights(self.config)),
+            "sha256": {WEIGHTS_NAME: file_sha256(directory / WEIGHTS_NAME)},
         }
         (directory / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
-        state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "architecture": type(self).__name__})
         if processor is not None:
             processor.save_pretrained(directory)
 
@@ -162,7 +174,8 @@ class SohoPreTrainedModel(nn.Module):
 
         Loading into another architecture (a fine-tuning model from a pre-training
         checkpoint, say) keeps the shared weights and initialises the rest; ``strict``
-        defaults to True only when the architecture is the one that was saved.
+        defaults to True only when the architecture is the one that was saved. Weights whose
+        sha256 differs from the one ``config.json`` recorded are refused (ValueError).
         """
         directory = Path(directory)
         if not directory.is_dir():
@@ -177,6 +190,10 @@ class SohoPreTrainedModel(nn.Module):
                     "(safetensors) from a trusted environment.")
             raise FileNotFoundError(f"{directory} is not a soho checkpoint: {WEIGHTS_NAME} is missing")
         record = _read_record(directory) if config is None or (directory / CONFIG_NAME).is_file() else {}
+        expected = record.get("sha256", {}).get(WEIGHTS_NAME)
+        if expected is not None and file_sha256(weights_file) != expected:
+            raise ValueError(f"{weights_file} is damaged: its sha256 differs from the one {CONFIG_NAME} recorded "
+                             "when it was saved")
         if config is None:
             config = from_dict(SohoConfig, record["config"])
         model = cls(_without_external_weights(config))

@@ -17,6 +17,27 @@ from soho.models.visual_dictionary import VisualDictionary
 from soho.models.visual_tokens import VisualEmbeddings, grid_mask
 
 
+def check_inputs(pixel_values: Optional[Tensor] = None, **indices: Tuple[Optional[Tensor], int]) -> None:
+    """Name a bad input before it fails deep inside the model; one device synchronisation for every check.
+
+    ``pixel_values`` must be finite: a NaN image would reach the visual dictionary and the BatchNorm
+    statistics. Each of ``indices`` (name -> (tensor or None, size)) must lie in [0, size): out of range, an
+    embedding lookup or an index fails with a bare IndexError, on a GPU with a device assert that ends the process.
+    """
+    named = [(name, tensor, size) for name, (tensor, size) in indices.items() if tensor is not None and tensor.numel()]
+    checks = [torch.isfinite(pixel_values).all()] if pixel_values is not None else []
+    checks += [((tensor >= 0) & (tensor < size)).all() for _, tensor, size in named]
+    if not checks:
+        return
+    passed = torch.stack(checks).tolist()
+    if pixel_values is not None and not passed.pop(0):
+        raise ValueError("pixel_values holds NaN or infinite values")
+    for (name, tensor, size), ok in zip(named, passed):
+        if not ok:
+            raise ValueError(f"{name} must be in [0, {size}), got values from {int(tensor.min())} to "
+                             f"{int(tensor.max())}")
+
+
 @dataclass
 class VisualGrid:
     """One backbone pass over a batch of images, before the Transformer."""
@@ -74,6 +95,7 @@ class SohoModel(SohoPreTrainedModel):
 
         In training mode the dictionary is updated (EMA) with the valid cells.
         """
+        check_inputs(pixel_values)
         features = self.backbone(pixel_values)
         batch, _, height, width = features.shape
         if pixel_mask is None:
@@ -130,6 +152,10 @@ class SohoModel(SohoPreTrainedModel):
         """
         if grid is None and pixel_values is not None:
             grid = self.embed_image(pixel_values, pixel_mask)
+        encoder = self.config.encoder
+        check_inputs(input_ids=(input_ids, encoder.vocab_size),
+                     token_type_ids=(token_type_ids, encoder.type_vocab_size),
+                     image_index=(image_index, grid.features.shape[0] if grid is not None else 0))
         text = text_mask = image = image_mask = None
         if input_ids is not None:
             text = self.text_embeddings(input_ids, token_type_ids)
@@ -211,6 +237,9 @@ class SohoForPretraining(SohoPreTrainedModel):
     def encode_texts(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                      token_type_ids: Optional[Tensor] = None) -> Tensor:
         """L2-normalised text embeddings (N, E) for dual-encoder retrieval (needs ITC)."""
+        encoder = self.config.encoder
+        check_inputs(input_ids=(input_ids, encoder.vocab_size),
+                     token_type_ids=(token_type_ids, encoder.type_vocab_size))
         return self.text_embeds(input_ids, attention_mask, token_type_ids)
 
     @torch.no_grad()
@@ -266,6 +295,10 @@ class SohoForPretraining(SohoPreTrainedModel):
         """
         num_images = pixel_values.shape[0]
         device = pixel_values.device
+        encoder = self.config.encoder
+        check_inputs(input_ids=(input_ids, encoder.vocab_size), mlm_input_ids=(mlm_input_ids, encoder.vocab_size),
+                     token_type_ids=(token_type_ids, encoder.type_vocab_size), image_index=(image_index, num_images),
+                     itm_image_index=(itm_image_index, num_images))
         if image_index is None:
             image_index = torch.arange(input_ids.shape[0], device=device)
         if image_ids is None:

@@ -152,6 +152,11 @@ class VisualDictionary(nn.Module):
             stats = torch.zeros(self.size, self.dim + 1, device=x.device)
             stats.index_add_(0, idx, torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1))
             all_reduce_sum(stats)
+            if not torch.isfinite(stats).all():
+                # A diverging step (its optimizer step is skipped) must not leave NaN in the entries for good.
+                # The sums are the same on every rank, so every rank skips the update together.
+                self._last_counts = None
+                return
             sums, counts = stats[:, :-1], stats[:, -1]
             self._last_counts = counts
 
@@ -175,7 +180,7 @@ class VisualDictionary(nn.Module):
 
     @torch.no_grad()
     def _sample_features(self, features: Tensor, valid: Tensor, num: int) -> Optional[Tensor]:
-        """``num`` valid features drawn at random, identical on every rank (None if no rank has any).
+        """``num`` valid, finite features drawn at random, identical on every rank (None if no rank has any).
 
         Each rank offers ``num`` of its own valid features (distinct where it has enough);
         the pooled offers are then chosen from with a generator seeded by the update count,
@@ -184,6 +189,7 @@ class VisualDictionary(nn.Module):
         """
         with torch.autocast(features.device.type, enabled=False):
             pool = features.detach().float()[valid]
+            pool = pool[torch.isfinite(pool).all(1)]
             offer = pool.new_zeros(num, self.dim + 1)
             if pool.shape[0] >= num:
                 offer[:, :-1] = pool[torch.randperm(pool.shape[0], device=pool.device)[:num]]

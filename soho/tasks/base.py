@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from soho.config import ConfigError, apply_overrides, from_dict, load_yaml
+from soho.data.shards import DataError, expand_urls
 from soho.data.stream import stream_loader
 from soho.eval.tasks import SplitEvaluation
 from soho.registry import Registry
@@ -102,6 +103,19 @@ class Task:
         """Evaluate ``args.checkpoint`` on ``args.shards``; write predictions (main process) under ``output``;
         return the fields of ``results.json``: at least ``metrics``, ``skipped`` and ``cost``."""
         raise NotImplementedError(f"task {cls.name} has no checkpoint evaluation")
+
+
+def check_shards(key: str, shards: Union[str, List[str], Dict[str, Union[str, List[str]]]]) -> None:
+    """The shards config key ``key`` names exist (for a mapping of splits, every split's): a wrong path fails in
+    :meth:`Task.setup`, before the run writes anything, rather than when the stream first opens them."""
+    if isinstance(shards, dict):
+        for name, split in shards.items():
+            check_shards(f"{key}.{name}", split)
+        return
+    try:
+        expand_urls(shards)
+    except DataError as error:
+        raise DataError(f"{key}: {error}") from None
 
 
 TASKS = Registry("task")

@@ -78,7 +78,7 @@ class ClassificationTask(FinetuneTask):
         labels = model.config.labels
         describe = (lambda target: cls.describe_target(target, labels)) if labelled else (lambda target: {})
         result = predict_classes(model, dataset, accelerator, describe)
-        if labelled:
+        if labelled and result.predictions:  # none only when a stop signal ended the evaluation
             result.metrics = cls.metrics(result.predictions, labels)
         return result
 

@@ -3,6 +3,7 @@ baseline, from the same architecture with random weights) and evaluates named sp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional
 
 from torch import nn
@@ -11,7 +12,7 @@ from soho.config import ConfigError, apply_overrides, from_dict, to_dict
 from soho.models.config import SohoConfig
 from soho.models.pretrained import read_config
 from soho.processing import SohoProcessor
-from soho.tasks.base import RunConfig, Task, check_task
+from soho.tasks.base import RunConfig, Task, check_shards, check_task
 from soho.train.config import OptimConfig, OptimizerConfig, TrainConfig
 
 
@@ -74,7 +75,11 @@ class FinetuneTask(Task):
     model_class: ClassVar[type]
 
     def setup(self, accelerator) -> None:
-        init = self.config.init
+        init, data = self.config.init, self.config.data
+        check_shards("data.train_shards", data.train_shards)
+        check_shards("data.eval_shards", data.eval_shards)
+        if not Path(init.checkpoint).is_dir():
+            raise ConfigError(f"init.checkpoint: no such directory: {init.checkpoint}")
         try:
             self.processor = SohoProcessor.from_pretrained(init.checkpoint)
             base = to_dict(read_config(init.checkpoint))
@@ -93,7 +98,10 @@ class FinetuneTask(Task):
     def build_model(self) -> nn.Module:
         if self.config.init.from_scratch:
             return self.model_class(self.architecture)
-        return self.model_class.from_pretrained(self.config.init.checkpoint, config=self.architecture, strict=False)
+        try:
+            return self.model_class.from_pretrained(self.config.init.checkpoint, config=self.architecture, strict=False)
+        except (OSError, ValueError) as error:  # missing or damaged weights
+            raise ConfigError(f"init.checkpoint: {error}") from None
 
     def describe(self) -> Dict[str, Any]:
         return {"init": "scratch" if self.config.init.from_scratch else self.config.init.checkpoint}

@@ -16,9 +16,10 @@ from soho.eval.tasks import SplitEvaluation
 from soho.models.config import SohoConfig
 from soho.models.soho import SohoForPretraining
 from soho.processing import SohoProcessor
-from soho.tasks.base import RunConfig, StepOutput, Task, register_task
+from soho.tasks.base import RunConfig, StepOutput, Task, check_shards, register_task
 from soho.tokenizer import load_tokenizer
 from soho.train.config import OptimConfig, TrainConfig
+from soho.train.signals import stop_requested
 
 PRETRAINING_INPUTS = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids",
                       "mlm_input_ids", "mlm_labels", "image_index", "image_ids", "image_seeds", "itm_image_index",
@@ -80,7 +81,8 @@ def held_out_metrics(model: nn.Module, dataset: PretrainingDataset, accelerator,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + accelerator.process_index)
         for batch in dataset:
-            if max_batches is not None and batches >= max_batches:
+            # A stop signal ends this rank's loop; the collectives below still run on every rank.
+            if max_batches is not None and batches >= max_batches or stop_requested():
                 break
             if not batch["samples"]:
                 continue
@@ -137,7 +139,12 @@ class PretrainingTask(Task):
 
             ensure_world(config.synthetic_root, SyntheticWorldConfig())
         accelerator.wait_for_everyone()
-        self.tokenizer = load_tokenizer(config.data.tokenizer)
+        check_shards("data.shards", config.data.shards)
+        check_shards("data.eval_shards", config.data.eval_shards)
+        try:
+            self.tokenizer = load_tokenizer(config.data.tokenizer)
+        except OSError as error:
+            raise ConfigError(f"data.tokenizer: {error}") from None
         if len(self.tokenizer) > config.model.encoder.vocab_size:
             raise ConfigError(f"the tokenizer has {len(self.tokenizer)} tokens but model.encoder.vocab_size is "
                               f"{config.model.encoder.vocab_size}")

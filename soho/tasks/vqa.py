@@ -20,7 +20,7 @@ from soho.eval.tasks import SplitEvaluation, vqa_metrics, write_jsonl
 from soho.eval.vqa import AnswerVocabulary, normalize_answer, submission, vqa_score
 from soho.models.tasks import SohoForVQA
 from soho.processing import SohoProcessor
-from soho.tasks.base import register_task
+from soho.tasks.base import check_shards, register_task
 from soho.tasks.classification import ClassificationTask
 from soho.tasks.finetuning import FinetuneConfig, FinetuneDataConfig
 
@@ -120,6 +120,7 @@ class VQATask(ClassificationTask):
 
     def setup(self, accelerator) -> None:
         data = self.config.data
+        check_shards("data.train_shards", data.train_shards)
         # Before anything is written: a bad vocabulary file must not cost the previous run's outputs.
         self.vocabulary = build_answer_vocabulary(data) if data.answer_vocabulary is None \
             else load_answer_vocabulary(data)

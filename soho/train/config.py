@@ -10,6 +10,9 @@ from typing import List, Literal, Optional, Tuple
 
 from soho.config import ConfigError
 
+MAX_LR = 10.0
+"""Above this a learning rate is a typo (``1e6`` for ``1e-6``), not a setting: the first steps would diverge."""
+
 
 @dataclass
 class OptimizerConfig:
@@ -25,8 +28,17 @@ class OptimizerConfig:
     """torch's fused implementation (one kernel per step for all parameters; CPU and CUDA)."""
 
     def __post_init__(self):
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ConfigError(f"optimizer lr must be > 0 and weight_decay >= 0 (got {self.lr}, {self.weight_decay})")
+        # Written so that NaN, which fails every comparison, fails them too (configs built in code skip from_dict).
+        if not 0 < self.lr <= MAX_LR:
+            raise ConfigError(f"lr must be in (0, {MAX_LR:g}], got {self.lr}")
+        if not 0 <= self.weight_decay < 1:
+            raise ConfigError(f"weight_decay must be in [0, 1), got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ConfigError(f"betas must be in [0, 1), got {self.betas}")
+        if not self.eps > 0:
+            raise ConfigError(f"eps must be > 0, got {self.eps}")
 
 
 @dataclass
@@ -55,6 +67,11 @@ class OptimConfig:
             raise ConfigError(f"optim.warmup_start_factor must be in (0, 1], got {self.warmup_start_factor}")
         if sorted(self.milestones) != list(self.milestones):
             raise ConfigError(f"optim.milestones must be increasing, got {self.milestones}")
+        if not 0 < self.decay_factor <= 1 or not 0 <= self.min_lr_factor <= 1:
+            raise ConfigError(f"optim.decay_factor must be in (0, 1] and optim.min_lr_factor in [0, 1], got "
+                              f"{self.decay_factor} and {self.min_lr_factor}")
+        if not self.grad_clip >= 0:
+            raise ConfigError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
 
 
 @dataclass
@@ -89,11 +106,14 @@ class TrainConfig:
     freeze_backbone_norm_at: Optional[int] = None
     """From this optimizer step on, the backbone's BatchNorm layers use their running statistics
     (``Backbone.freeze_norm_statistics``), so dictionary assignments stop depending on the batch."""
+    max_nonfinite_steps: int = 10
+    """A step whose loss or gradient norm is not finite is skipped on every process; this many in a row stop
+    the run (exit code 3) before it burns more time."""
 
     def __post_init__(self):
         if self.freeze_backbone_norm_at is not None and self.freeze_backbone_norm_at < 0:
             raise ConfigError(f"train.freeze_backbone_norm_at must be >= 0, got {self.freeze_backbone_norm_at}")
-        for name in ("max_steps", "batch_size", "eval_batch_size", "log_every", "keep_last"):
+        for name in ("max_steps", "batch_size", "eval_batch_size", "log_every", "keep_last", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("save_every", "eval_every"):
@@ -101,5 +121,5 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.eval_batches is not None and self.eval_batches < 1:
             raise ConfigError(f"train.eval_batches must be >= 1, got {self.eval_batches}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
+        if self.max_minutes is not None and not self.max_minutes > 0:
             raise ConfigError(f"train.max_minutes must be > 0, got {self.max_minutes}")

@@ -6,7 +6,7 @@ Two parameter groups as in the SOHO paper and release: the CNN with its own opti
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import nn
@@ -58,15 +58,22 @@ def build_optimizers(model: nn.Module, config: OptimConfig, max_steps: int):
     return optimizers, schedulers
 
 
-def optimizer_step(accelerator, model: nn.Module, optimizers, grad_clip: float) -> Optional[float]:
-    """Clip (on steps that sync gradients), step and zero every optimizer, inside ``accelerator.accumulate``.
+def clip_gradients(accelerator, model: nn.Module, grad_clip: float) -> torch.Tensor:
+    """The global gradient norm before clipping, clipping it to ``grad_clip`` (0: no clipping), inside
+    ``accelerator.accumulate`` on a step that syncs gradients. Measured either way: a non-finite norm is how
+    a diverging step shows (soho/train/trainer.py). The gradients are already reduced, so every process
+    measures the same norm."""
+    return torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf))
 
-    Returns the global gradient norm before clipping, when it was measured.
-    """
-    norm = None
-    if accelerator.sync_gradients and grad_clip > 0:
-        norm = float(accelerator.clip_grad_norm_(model.parameters(), grad_clip))
+
+def optimizer_step(accelerator, optimizers, skip: bool = False) -> None:
+    """Step (unless ``skip``) and zero every optimizer, inside ``accelerator.accumulate``. A skipped step
+    leaves the parameters and the optimizers' state as they were."""
     for optimizer in optimizers:
-        optimizer.step()
+        if not skip:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return norm
+    if skip and accelerator.scaler is not None:
+        # fp16: the scaler saw the overflow while unscaling for the norm; updating it lowers the scale, as a
+        # step it skipped by itself would.
+        accelerator.scaler.update()
