@@ -424,3 +424,27 @@ def test_paired_itm_shows_every_caption_with_its_own_image_and_with_a_false_one(
                     pixel_mask=batch["pixel_mask"], image_index=negatives)])
     expected = ((scores > 0.5).long() == out.labels["itm"]).float().mean()
     assert out.metrics["itm_acc"].item() == pytest.approx(expected.item())
+
+
+def test_near_miss_negatives_are_drawn_where_the_data_names_them():
+    torch.manual_seed(0)
+    model = SohoForPretraining(tiny_config(**{"itm.pairing": "paired", "itm.near_miss_probability": 1.0,
+                                              "loss_weights.mvm": 0.0})).train()
+    batch = tiny_batch(num_images=4, captions_per_image=2)
+    truth = torch.eye(4, dtype=torch.bool).repeat_interleave(2, 0)
+    near_miss = torch.zeros(8, 4, dtype=torch.bool)
+    near_miss[0, 3] = near_miss[1, 2] = True  # the captions of image 0 miss images 3 and 2 by one attribute
+    shown = []
+    model.soho.register_forward_hook(lambda module, args, kwargs, out: shown.append(kwargs.get("image_index")),
+                                     with_kwargs=True)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        model(**batch, caption_truth=truth, caption_near_miss=near_miss)
+        assert shown[-1][:2].tolist() == [3, 2]  # always their near misses; the others draw among all false
+    model.eval()  # held-out ITM keeps uniform negatives
+    drawn = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        model(**batch, caption_truth=truth, caption_near_miss=near_miss)
+        drawn.add(shown[-1][0].item())
+    assert drawn == {1, 2, 3}

@@ -250,3 +250,19 @@ def test_vqa_answers_come_from_the_answer_set_and_the_scene_graph():
     assert set(types) == set(VQA_QUESTION_TYPES)
     assert abs(yes_no["yes"] - yes_no["no"]) < 0.2 * sum(yes_no.values())
     assert 0.03 < noisy / 600 < 0.2
+
+
+def test_near_misses_are_false_but_true_without_one_attribute():
+    from soho.data.synthetic.logic import Description, claim_to_json, near_miss_table, relax
+
+    scene = {"objects": [{"id": 0, "shape": "circle", "colour": "red", "size": "small", "box": [0, 0, 9, 9]},
+                         {"id": 1, "shape": "star", "colour": "blue", "size": "large", "box": [20, 20, 40, 40]}],
+             "relations": [], "background": "stripes"}
+    claims = [("exists", Description(shape="triangle", colour="red")),  # a red object, but no triangle
+              ("exists", Description(colour="green")),  # colour alone: nothing to relax, no near miss
+              ("exists", Description(shape="circle", colour="red")),  # true: no miss at all
+              ("attribute", Description(colour="red"), "shape", "square"),  # one red object, not a square
+              ("count", Description(shape="star", size="small"), 1)]  # one star, but large
+    assert [row[0] for row in near_miss_table([claim_to_json(c) for c in claims], [scene])] == \
+        [True, False, False, True, True]
+    assert relax(claims[3], "shape") == ("count", Description(colour="red"), 1)

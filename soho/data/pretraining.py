@@ -16,7 +16,7 @@ from soho.config import ConfigError
 from soho.data.samples import decode_captioned_image, stable_id
 from soho.data.shards import Sample
 from soho.data.stream import ShardStream
-from soho.data.synthetic.logic import truth_table
+from soho.data.synthetic.logic import near_miss_table, truth_table
 from soho.models.masking import mask_tokens
 from soho.processing import ImageTransform, ImageTransformConfig, pad_images
 
@@ -125,7 +125,9 @@ class PretrainingDataset(ShardStream):
         batch = self.collator(images, captions, image_ids, generator)
         if all(meaning is not None for meaning in meanings):
             claims = [claim for meaning in meanings for claim in meaning["claims"]]
-            batch["caption_truth"] = torch.tensor(truth_table(claims, [meaning["scene"] for meaning in meanings]))
+            scenes = [meaning["scene"] for meaning in meanings]
+            batch["caption_truth"] = torch.tensor(truth_table(claims, scenes))
+            batch["caption_near_miss"] = torch.tensor(near_miss_table(claims, scenes))
         return batch
 
 

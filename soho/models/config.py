@@ -248,6 +248,10 @@ class ITMConfig:
     all of them); Decoupling compares 32 and 1024."""
     hard_negatives: bool = False
     """Draw negative images from ITC similarities (needs ``itc.enabled``) instead of uniformly."""
+    near_miss_probability: float = 0.0
+    """In training, where the data gives each caption's near misses (``caption_near_miss``: images it is false of
+    but true of once one attribute it names is ignored, "a red circle" for "a red triangle"), the chance that a
+    caption's negative is drawn among them: pairs that colour alone cannot tell apart."""
     use_truth: bool = True
     """Where the data says which captions are true of which images (``caption_truth``: the synthetic world's
     scene graphs), draw negatives among the images a caption is false of and label pairs by truth, not by
@@ -258,6 +262,8 @@ class ITMConfig:
             raise ConfigError(f"itm.loss must be one of {', '.join(ITM_LOSSES)}, got {self.loss!r}")
         if not 0.0 <= self.negative_probability <= 1.0:
             raise ConfigError(f"itm.negative_probability must be in [0, 1], got {self.negative_probability}")
+        if not 0.0 <= self.near_miss_probability <= 1.0:
+            raise ConfigError(f"itm.near_miss_probability must be in [0, 1], got {self.near_miss_probability}")
         if self.contrastive_negatives < 1:
             raise ConfigError(f"itm.contrastive_negatives must be >= 1, got {self.contrastive_negatives}")
 

@@ -280,6 +280,7 @@ class SohoForPretraining(SohoPreTrainedModel):
         itm_image_index: Optional[Tensor] = None,
         itm_labels: Optional[Tensor] = None,
         caption_truth: Optional[Tensor] = None,
+        caption_near_miss: Optional[Tensor] = None,
     ) -> PretrainingOutput:
         """One pre-training step's losses.
 
@@ -291,7 +292,8 @@ class SohoForPretraining(SohoPreTrainedModel):
         ``image_seeds`` (B,) key each image's random draws (default: drawn now). ``itm_image_index`` /
         ``itm_labels`` (N,) let the data choose each caption's ITM image and say whether the caption is
         true of it (default: ITM draws other images and calls a pair matched when the ids agree).
-        ``caption_truth`` (N, B) says which captions are true of which images, where the data knows.
+        ``caption_truth`` (N, B) says which captions are true of which images, where the data knows, and
+        ``caption_near_miss`` (N, B) which images a caption misses by one attribute.
         """
         num_images = pixel_values.shape[0]
         device = pixel_values.device
@@ -309,7 +311,8 @@ class SohoForPretraining(SohoPreTrainedModel):
             grid=self.soho.embed_image(pixel_values, pixel_mask), input_ids=input_ids,
             attention_mask=attention_mask, token_type_ids=token_type_ids, image_index=image_index,
             image_ids=image_ids, image_seeds=image_seeds, mlm_input_ids=mlm_input_ids, mlm_labels=mlm_labels,
-            itm_image_index=itm_image_index, itm_labels=itm_labels, caption_truth=caption_truth)
+            itm_image_index=itm_image_index, itm_labels=itm_labels, caption_truth=caption_truth,
+            caption_near_miss=caption_near_miss)
         for objective in self.objectives.values():
             objective.prepare(self.soho, step)
         step.fused = self.soho(input_ids=step.text_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,

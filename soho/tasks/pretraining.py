@@ -23,7 +23,7 @@ from soho.train.signals import stop_requested
 
 PRETRAINING_INPUTS = ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids",
                       "mlm_input_ids", "mlm_labels", "image_index", "image_ids", "image_seeds", "itm_image_index",
-                      "itm_labels", "caption_truth")
+                      "itm_labels", "caption_truth", "caption_near_miss")
 
 
 @dataclass

@@ -55,6 +55,37 @@ def claim_from_json(data: List) -> Tuple:
                  Description(**part) if isinstance(part, dict) else part for part in data)
 
 
+def relax(claim: Tuple, attribute: str) -> Tuple:
+    """The claim with ``attribute`` (shape, colour or size) left out of every description that names another
+    attribute too: what it says when that attribute is not looked at. (A description of that attribute alone,
+    "a red shape", keeps it: without it the claim would say nothing about the objects.)"""
+    if claim[0] == "attribute" and claim[2] == attribute:  # "the red object is a triangle": one red object
+        return ("count", relax_description(claim[1], attribute), 1)
+    return tuple(relax(part, attribute) if isinstance(part, tuple) else
+                 relax_description(part, attribute) if isinstance(part, Description) else part for part in claim)
+
+
+def relax_description(description: Description, attribute: str) -> Description:
+    if set(description.attributes) - {attribute}:
+        return Description(**{a: getattr(description, a) for a in ATTRIBUTES if a != attribute})
+    return description
+
+
+def near_miss_table(claims: List[List], scenes: List[Dict]) -> List[List[bool]]:
+    """Whether each claim is false of each scene but true once one attribute (shape, colour or size) is not
+    looked at: the images that tell whether a model checks every attribute a caption names."""
+    rows: Dict[str, List[bool]] = {}
+    table = []
+    for claim in claims:
+        key = json.dumps(claim)
+        if key not in rows:
+            decoded = claim_from_json(claim)
+            relaxed = [relax(decoded, attribute) for attribute in ATTRIBUTES]
+            rows[key] = [not holds(decoded, scene) and any(holds(r, scene) for r in relaxed) for scene in scenes]
+        table.append(rows[key])
+    return table
+
+
 def truth_table(claims: List[List], scenes: List[Dict]) -> List[List[bool]]:
     """Whether each claim (JSON data, as records store them) is true of each scene graph: (claims, scenes)."""
     rows: Dict[str, List[bool]] = {}

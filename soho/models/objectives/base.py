@@ -48,6 +48,8 @@ class PretrainingStep:
     """(N,) 1 where the caption is true of the image it is shown with, when the data knows (else: same image id)."""
     caption_truth: Optional[Tensor] = None
     """(N, B) bool: whether each caption is true of each image of the batch, when the data knows (scene graphs)."""
+    caption_near_miss: Optional[Tensor] = None
+    """(N, B) bool: images each caption is false of but true once one attribute it names is not looked at."""
 
     text_ids: Optional[Tensor] = None
     """(N, L) ids of the fused pass: the clean captions unless an objective (MLM) corrupts them."""

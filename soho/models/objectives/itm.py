@@ -39,9 +39,10 @@ class ImageTextMatching(Objective):
 
     def negative_weights(self, step: PretrainingStep, num_images: int) -> Tensor:
         """(N, B) how likely each image is drawn as a caption's negative: uniform, or in training with
-        ``itm.hard_negatives`` in proportion to ITC similarity (evaluation keeps uniform negatives, so held-out
-        accuracies compare across settings); never the caption's own image, nor (with ``itm.use_truth``) an
-        image the caption is true of; every other one drawable. A row may be all zeros: no negative exists."""
+        ``itm.hard_negatives`` in proportion to ITC similarity and with ``itm.near_miss_probability`` among the
+        caption's near misses (evaluation keeps uniform negatives, so held-out accuracies compare across
+        settings); never the caption's own image, nor (with ``itm.use_truth``) an image the caption is true of;
+        every other one drawable. A row may be all zeros: no negative exists."""
         num_texts = step.image_index.shape[0]
         if self.config.itm.hard_negatives and self.training:
             weights = step.text_to_image_logits.detach().float().softmax(dim=1)
@@ -52,6 +53,12 @@ class ImageTextMatching(Objective):
         weights[torch.arange(num_texts, device=weights.device), step.image_index] = 0
         if self.uses_truth(step):
             weights = weights.masked_fill(step.caption_truth.to(weights.device), 0.0)
+        probability = self.config.itm.near_miss_probability
+        if probability > 0 and self.training and step.caption_near_miss is not None:
+            # Some captions draw their negative among the images that differ from them in one attribute only.
+            near = weights * step.caption_near_miss.to(weights.device)
+            chosen = (torch.rand(num_texts, device=weights.device) < probability) & (near.sum(1) > 0)
+            weights = torch.where(chosen[:, None], near, weights)
         return weights
 
 
