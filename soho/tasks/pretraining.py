@@ -65,7 +65,8 @@ def held_out_metrics(model: nn.Module, dataset: PretrainingDataset, accelerator,
     ITM, the commonest masked token for MLM, the commonest dictionary entry of the masked cells for MVM),
     which is what a model that ignores its input can reach. MVM also gets ``chance_mvm_hidden_acc``: the
     commonest entry among those not visible in the image, a baseline that looks only at which entries
-    the unmasked cells have.
+    the unmasked cells have. Where the data names near misses, ``itm_near_miss_rank_acc`` is how often ITM
+    scores a caption higher with its own image than with an image it misses by one attribute (chance 0.5).
     """
     was_training = model.training
     model.eval()
@@ -98,6 +99,11 @@ def held_out_metrics(model: nn.Module, dataset: PretrainingDataset, accelerator,
                     histograms[name] += torch.bincount(labels, minlength=num_classes[name]).to(torch.float64)
             if out.mvm_visible is not None:
                 hidden_choices.append((out.labels["mvm"], out.mvm_visible))
+            if "caption_near_miss" in batch and "itm" in unwrapped.objectives:
+                ranked = near_miss_ranking(unwrapped, batch, accelerator)
+                if ranked is not None:
+                    sums["itm_near_miss_rank_acc"] += ranked
+                    counts["itm_near_miss_rank_acc"] += 1
             batches += 1
     model.train(was_training)
     # Every rank must send the same keys in the same order, also one that saw no batch.
@@ -123,6 +129,25 @@ def held_out_metrics(model: nn.Module, dataset: PretrainingDataset, accelerator,
     if tally[1] > 0:
         results["chance_mvm_hidden_acc"] = (tally[0] / tally[1]).item()
     return results
+
+
+@torch.no_grad()
+def near_miss_ranking(model: nn.Module, batch: Dict[str, Any], accelerator) -> Optional[float]:
+    """The fraction of captions (with a near miss in the batch) that ITM scores higher with their own image than
+    with one near miss of theirs; None when no caption has one."""
+    near_miss = batch["caption_near_miss"]
+    rows = near_miss.any(1).nonzero(as_tuple=True)[0]
+    if not rows.numel():
+        return None
+    # The first near miss of each caption: a fixed choice, so the metric compares across runs.
+    others = near_miss[rows].float().argmax(1)
+    inputs = model_inputs(batch, accelerator.device, ("pixel_values", "pixel_mask"))
+    texts = {name: batch[name][rows].to(accelerator.device) for name in ("input_ids", "attention_mask")}
+    grid = model.soho.embed_image(**inputs)
+    with accelerator.autocast():
+        scores = [model.match_scores(model.soho(**texts, grid=grid, image_index=images.to(accelerator.device)).pooled)
+                  for images in (batch["image_index"][rows], others)]
+    return (scores[0] > scores[1]).float().mean().item()
 
 
 @register_task
